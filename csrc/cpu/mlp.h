@@ -1,0 +1,236 @@
+// The excitation MLP on a tile of samples, in the accumulation type A (float or double),
+// with its activations, gates and their derivatives.
+//
+// Forward, per sample t (p = pooled row):      Backward, given dg = sum_hw dy' * x:
+//   u1 = W1 p + b1            (S)                 dz2 = dg * gate'(u2)          (C)
+//   z  = act(u1)              (S)                 dz1 = (W2^T dz2) * act'(u1)   (S)
+//   u2 = W2 z + b2            (C)                 dp  = (W1^T dz1) / (H W)      (C)
+//   g  = gate(u2)             (C)
+// W2 is kept transposed (S, C) so that both products stream contiguous rows of C.
+// Every element's arithmetic is independent of how samples are grouped into tiles, so the
+// results do not depend on the thread count or the launch plan.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+
+#include "../se_common.h"
+
+namespace se_kernels::cpu {
+
+template <typename A>
+struct MlpWeights {
+  const A* w1;   // (S, C)
+  const A* b1;   // (S) or nullptr
+  const A* w2t;  // (S, C): W2 transposed
+  const A* b2;   // (C) or nullptr
+  int64_t C, S;
+  Act act;
+  Gate gate;
+};
+
+template <typename A>
+inline A reduce_lanes(const at::vec::Vectorized<A>& v) {
+  constexpr int64_t W = at::vec::Vectorized<A>::size();
+  A lanes[W];
+  v.store(lanes);
+  A total = 0;
+  for (int64_t j = 0; j < W; ++j) total += lanes[j];
+  return total;
+}
+
+// A block of TB x SB dot products: out[t, s] = bias[s] + sum_c a[t, c] * b[s, c] for t in
+// [t0, t0 + TB), s in [s0, s0 + SB). One accumulator per (t, s): every product gets the same
+// arithmetic whatever the blocking (full 8- or 4-lane blocks of c in order, lane reduction,
+// then the tail).
+template <int TB, int SB, typename A>
+inline void dot_block(const A* a, const A* b, const A* bias, int64_t C, int64_t S, int64_t t0, int64_t s0, A* out) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V acc[TB][SB];
+  for (int i = 0; i < TB; ++i)
+    for (int j = 0; j < SB; ++j) acc[i][j] = V(A(0));
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V bv[SB];
+    for (int j = 0; j < SB; ++j) bv[j] = V::loadu(b + (s0 + j) * C + c);
+    for (int i = 0; i < TB; ++i) {
+      const V av = V::loadu(a + (t0 + i) * C + c);
+      for (int j = 0; j < SB; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < TB; ++i) {
+    for (int j = 0; j < SB; ++j) {
+      A total = reduce_lanes(acc[i][j]);
+      for (int64_t k = c; k < C; ++k) total += a[(t0 + i) * C + k] * b[(s0 + j) * C + k];
+      out[(t0 + i) * S + s0 + j] = (bias ? bias[s0 + j] : A(0)) + total;
+    }
+  }
+}
+
+// out (nt, S) = a (nt, C) b^T + bias, b (S, C). Blocks of b rows outside, so that they stay
+// in L1 while all of the tile's samples pass.
+template <typename A>
+void matmul_nt(const A* a, const A* b, const A* bias, int64_t nt, int64_t S, int64_t C, A* out) {
+  int64_t s0 = 0;
+  for (; s0 + 2 <= S; s0 += 2) {
+    int64_t t0 = 0;
+    for (; t0 + 4 <= nt; t0 += 4) dot_block<4, 2>(a, b, bias, C, S, t0, s0, out);
+    for (; t0 < nt; ++t0) dot_block<1, 2>(a, b, bias, C, S, t0, s0, out);
+  }
+  for (; s0 < S; ++s0) {
+    int64_t t0 = 0;
+    for (; t0 + 4 <= nt; t0 += 4) dot_block<4, 1>(a, b, bias, C, S, t0, s0, out);
+    for (; t0 < nt; ++t0) dot_block<1, 1>(a, b, bias, C, S, t0, s0, out);
+  }
+}
+
+// out[t, c..c+K*W) for t in [t0, t0 + TB): TB x K accumulators, so that each loaded vector of b
+// serves TB samples and each broadcast z serves K vectors.
+template <int TB, int K, typename A>
+inline void axpy_block(const A* z, const A* b, const A* init, int64_t S, int64_t C, int64_t t0, int64_t c, A* out) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V acc[TB][K];
+  for (int i = 0; i < TB; ++i)
+    for (int k = 0; k < K; ++k) acc[i][k] = init ? V::loadu(init + c + k * W) : V(A(0));
+  for (int64_t s = 0; s < S; ++s) {
+    V bv[K];
+    for (int k = 0; k < K; ++k) bv[k] = V::loadu(b + s * C + c + k * W);
+    for (int i = 0; i < TB; ++i) {
+      const V zv(z[(t0 + i) * S + s]);
+      for (int k = 0; k < K; ++k) acc[i][k] = at::vec::fmadd(zv, bv[k], acc[i][k]);
+    }
+  }
+  for (int i = 0; i < TB; ++i)
+    for (int k = 0; k < K; ++k) acc[i][k].store(out + (t0 + i) * C + c + k * W);
+}
+
+template <int K, typename A>
+inline void axpy_columns(const A* z, const A* b, const A* init, int64_t nt, int64_t S, int64_t C, int64_t c, A* out) {
+  int64_t t = 0;
+  for (; t + 4 <= nt; t += 4) axpy_block<4, K>(z, b, init, S, C, t, c, out);
+  for (; t < nt; ++t) axpy_block<1, K>(z, b, init, S, C, t, c, out);
+}
+
+template <typename A>
+void matmul_nn(const A* z, const A* b, const A* init, int64_t nt, int64_t S, int64_t C, A* out) {
+  constexpr int64_t W = at::vec::Vectorized<A>::size();
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) axpy_columns<2>(z, b, init, nt, S, C, c, out);
+  for (; c + W <= C; c += W) axpy_columns<1>(z, b, init, nt, S, C, c, out);
+  for (; c < C; ++c) {
+    for (int64_t t = 0; t < nt; ++t) {
+      A acc = init ? init[c] : A(0);
+      for (int64_t s = 0; s < S; ++s) acc += z[t * S + s] * b[s * C + c];
+      out[t * C + c] = acc;
+    }
+  }
+}
+
+// The element-wise functions go through at::vec::map, so a value gets the same result
+// whatever its position (vector lane or tail) and whichever pass computes it.
+
+// exp(-v) for sigmoid and silu: PyTorch's fast exp (20 ulp, about half the cost of the 1-ulp
+// Sleef exp), which clamps its input, so NaN is put back explicitly.
+template <typename A>
+inline at::vec::Vectorized<A> exp_neg(const at::vec::Vectorized<A>& v) {
+  using V = at::vec::Vectorized<A>;
+  return V::blendv(v.neg().exp_u20(), v, v.isnan());
+}
+template <typename A>
+inline void apply_activation(Act act, const A* u, A* z, int64_t n) {
+  using V = at::vec::Vectorized<A>;
+  switch (act) {
+    case Act::ReLU:
+      at::vec::map([](V v) { return at::vec::maximum(v, V(A(0))); }, z, u, n);
+      break;
+    case Act::SiLU:
+      at::vec::map([](V v) { return v / (V(A(1)) + exp_neg(v)); }, z, u, n);
+      break;
+    case Act::GELU:
+      at::vec::map([](V v) { return V(A(0.5)) * v * (V(A(1)) + (v * V(A(M_SQRT1_2))).erf()); }, z, u, n);
+      break;
+    case Act::HardSwish:
+      at::vec::map(
+          [](V v) { return v * at::vec::minimum(at::vec::maximum(v + V(A(3)), V(A(0))), V(A(6))) / V(A(6)); }, z,
+          u, n);
+      break;
+  }
+}
+
+template <typename A>
+inline void apply_gate(Gate gate, const A* u, A* g, int64_t n) {
+  using V = at::vec::Vectorized<A>;
+  switch (gate) {
+    case Gate::Sigmoid:
+      at::vec::map([](V v) { return V(A(1)) / (V(A(1)) + exp_neg(v)); }, g, u, n);
+      break;
+    case Gate::HardSigmoid:
+      at::vec::map([](V v) { return at::vec::minimum(at::vec::maximum(v + V(A(3)), V(A(0))), V(A(6))) / V(A(6)); },
+                   g, u, n);
+      break;
+  }
+}
+
+// d act(u) / du, following PyTorch's backward formulas (relu'(0) = 0, hardswish' = u/3 + 1/2
+// on [-3, 3]).
+template <typename A>
+inline A activation_grad(Act act, A u) {
+  switch (act) {
+    case Act::ReLU:
+      return u > A(0) ? A(1) : A(0);
+    case Act::SiLU: {
+      const A s = A(1) / (A(1) + std::exp(-u));
+      return s * (A(1) + u * (A(1) - s));
+    }
+    case Act::GELU: {
+      const A cdf = A(0.5) * (A(1) + std::erf(u * A(M_SQRT1_2)));
+      const A pdf = std::exp(A(-0.5) * u * u) * A(0.5 * M_2_SQRTPI * M_SQRT1_2);
+      return cdf + u * pdf;
+    }
+    case Act::HardSwish:
+      return u < A(-3) ? A(0) : (u <= A(3) ? u / A(3) + A(0.5) : A(1));
+  }
+  return A(0);
+}
+
+// d gate(u) / du given g = gate(u) (hardsigmoid' = 1/6 on the open interval (-3, 3)).
+template <typename A>
+inline A gate_grad(Gate gate, A u, A g) {
+  switch (gate) {
+    case Gate::Sigmoid:
+      return g * (A(1) - g);
+    case Gate::HardSigmoid:
+      return (u > A(-3) && u < A(3)) ? A(1) / A(6) : A(0);
+  }
+  return A(0);
+}
+
+// nt samples: P (nt, C) -> U1 (nt, S), Z (nt, S), U2 (nt, C), G (nt, C).
+template <typename A>
+void mlp_forward(const MlpWeights<A>& w, int64_t nt, const A* P, A* U1, A* Z, A* U2, A* G) {
+  matmul_nt(P, w.w1, w.b1, nt, w.S, w.C, U1);
+  apply_activation(w.act, U1, Z, nt * w.S);
+  matmul_nn(Z, w.w2t, w.b2, nt, w.S, w.C, U2);
+  apply_gate(w.gate, U2, G, nt * w.C);
+}
+
+// nt samples: U1, U2 (saved by the forward) and DG (nt, C) -> G, Z recomputed,
+// DZ2 (nt, C), DZ1 (nt, S), DP (nt, C). L = H * W.
+template <typename A>
+void mlp_backward(const MlpWeights<A>& w, int64_t nt, int64_t L, const A* U1, const A* U2, const A* DG, A* G,
+                  A* Z, A* DZ2, A* DZ1, A* DP) {
+  const int64_t C = w.C, S = w.S;
+  apply_gate(w.gate, U2, G, nt * C);
+  apply_activation(w.act, U1, Z, nt * S);
+  for (int64_t i = 0; i < nt * C; ++i) DZ2[i] = DG[i] * gate_grad(w.gate, U2[i], G[i]);
+  matmul_nt(DZ2, w.w2t, static_cast<const A*>(nullptr), nt, S, C, DZ1);
+  for (int64_t i = 0; i < nt * S; ++i) DZ1[i] *= activation_grad(w.act, U1[i]);
+  matmul_nn(DZ1, w.w1, static_cast<const A*>(nullptr), nt, S, C, DP);
+  for (int64_t i = 0; i < nt * C; ++i) DP[i] /= A(L);
+}
+
+}  // namespace se_kernels::cpu

@@ -1,0 +1,515 @@
+// Fused SE forward and backward on the CPU.
+//
+// Launch plan. The op is memory-bound, so the aim is to stream x (and dy) from memory once:
+//  * per-sample path (enough samples for the threads): each thread takes tiles of whole
+//    samples sized to stay in its cache (make_plan), pools them, runs the MLP for the tile (the
+//    weights are read once per tile, not once per sample), and scales them while x is still
+//    in cache.
+//  * split path (few samples, many threads): pooling, MLP and scaling run as three parallel
+//    phases, each sample spread over threads by rows (and by pixel chunks for channels_last
+//    pooling).
+// Both paths do the same arithmetic in the same order for every element (channels_last
+// pooling sums fixed chunks of kPixelChunk pixels, then the chunks in order), so results do
+// not depend on the plan or the thread count. Weight gradients are one GEMM each over the
+// per-sample vectors after the parallel part: deterministic, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../se_common.h"
+#include "mlp.h"
+#include "rows.h"
+
+namespace se_kernels::cpu {
+namespace {
+
+constexpr int64_t kPixelChunk = 64;          // channels_last pixels per pooling partial
+constexpr int64_t kGrainElements = 1 << 15;  // elements per task in the split path's phases
+
+template <typename F>
+void with_bools(bool a, bool b, F&& f) {
+  using T = std::true_type;
+  using F_ = std::false_type;
+  if (a) {
+    if (b) f(T{}, T{}); else f(T{}, F_{});
+  } else {
+    if (b) f(F_{}, T{}); else f(F_{}, F_{});
+  }
+}
+
+struct CacheSizes {
+  int64_t l2, l3;
+};
+
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = [] {
+    long l2 = 0, l3 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE) && defined(_SC_LEVEL3_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return CacheSizes{l2 > 0 ? l2 : 512 * 1024, l3 > 0 ? l3 : 8 * 1024 * 1024};
+  }();
+  return sizes;
+}
+
+struct Plan {
+  bool split;
+  int64_t tile;  // samples per tile on the per-sample path
+};
+
+// reread_bytes_per_element: bytes per element of x that the per-sample path reads twice (x in
+// the forward; dy and x in the backward). A tile is at least what half the L2 holds, and grows
+// (within a thread's half share of the L3) until streaming the MLP weights costs at most a
+// quarter of the tile's own bytes.
+Plan make_plan(const Geometry& g, int64_t reread_bytes_per_element, int64_t acc_bytes) {
+  const int64_t threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  const CacheSizes& cache = cache_sizes();
+  const int64_t sample_bytes = std::max<int64_t>(1, g.C * g.L * reread_bytes_per_element);
+  const int64_t weight_bytes = 2 * g.S * g.C * acc_bytes;
+  const int64_t by_l2 = std::max<int64_t>(1, cache.l2 / 2 / sample_bytes);
+  // sysconf reports the whole L3 (in a VM, the host's); assume at most 4 MiB of it per thread.
+  const int64_t l3_share = std::min<int64_t>(cache.l3 / threads, int64_t(4) << 20) / 2;
+  const int64_t by_l3 = std::max<int64_t>(1, l3_share / sample_bytes);
+  const int64_t by_weights = (4 * weight_bytes + sample_bytes - 1) / sample_bytes;
+  int64_t tile = std::max(by_l2, std::min(by_weights, by_l3));
+  tile = std::min(tile, std::max<int64_t>(1, (g.N + threads - 1) / threads));
+  const int64_t tiles = (g.N + tile - 1) / tile;
+  const int64_t rounds = (tiles + threads - 1) / threads;
+  // Whole tiles per thread keep tiles / (threads * rounds) of the threads busy; below 70%,
+  // spreading samples over threads wins.
+  const bool split = threads > 1 && tiles * 10 < threads * rounds * 7;
+  return {split, tile};
+}
+
+// Outputs as large as x. glibc's malloc serves blocks of 32 MiB and more with a fresh mmap
+// each time, so every such output costs one page fault per 4 KiB on first write (measured here:
+// a 32 MiB clone runs at a sixth of copy speed). Asking for transparent huge pages on the block
+// before it is written turns those into one fault per 2 MiB. SE_KERNELS_HUGEPAGES=0 turns
+// this off; it changes nothing where THP is disabled or memory comes from a caching allocator.
+constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
+
+bool huge_page_advice_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("SE_KERNELS_HUGEPAGES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
+
+at::Tensor empty_output_like(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = out.numel() * out.element_size();
+  if (bytes >= kHugePageAdviceBytes && huge_page_advice_enabled()) {
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+  }
+#endif
+  return out;
+}
+
+// Calls f(n, r0, r1) for the rows [b, e) of the flattened (N, rows) index space.
+template <typename F>
+void for_sample_rows(int64_t b, int64_t e, int64_t rows, F&& f) {
+  while (b < e) {
+    const int64_t n = b / rows, r0 = b % rows;
+    const int64_t r1 = std::min(rows, r0 + (e - b));
+    f(n, r0, r1);
+    b += r1 - r0;
+  }
+}
+
+int64_t grain_rows(int64_t row_len) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_len));
+}
+
+template <typename A>
+void add_into(A* acc, const A* part, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += part[i];
+}
+
+template <typename A>
+void divide(A* v, int64_t n, int64_t L) {
+  for (int64_t i = 0; i < n; ++i) v[i] /= A(L);
+}
+
+template <typename A>
+struct WeightsHolder {
+  at::Tensor w1, w2t, b1, b2;
+  MlpWeights<A> view(const Geometry& g, Act act, Gate gate) const {
+    return {w1.data_ptr<A>(), b1.defined() ? b1.data_ptr<A>() : nullptr, w2t.data_ptr<A>(),
+            b2.defined() ? b2.data_ptr<A>() : nullptr, g.C, g.S, act, gate};
+  }
+};
+
+template <typename A>
+WeightsHolder<A> prepare_weights(const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                 const std::optional<at::Tensor>& b2) {
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  WeightsHolder<A> h;
+  h.w1 = w1.to(acc).contiguous();
+  h.w2t = w2.t().to(acc).contiguous();
+  if (b1.has_value()) h.b1 = b1->to(acc).contiguous();
+  if (b2.has_value()) h.b2 = b2->to(acc).contiguous();
+  return h;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+struct ForwardArgs {
+  using A = acc_t<T>;
+  Geometry g;
+  const T* x;
+  const T* residual;  // or nullptr
+  T* y;
+  uint8_t* mask;      // or nullptr (no relu epilogue)
+  MlpWeights<A> w;
+  A *P, *U1, *Z, *U2, *G;  // (N, C), (N, S), (N, S), (N, C), (N, C)
+};
+
+template <typename T>
+void pool_nchw_rows(const ForwardArgs<T>& a, int64_t b, int64_t e) {
+  mean_rows(a.x + b * a.g.L, e - b, a.g.L, a.P + b);
+}
+
+// part (C) = sum of x over the pixels of chunk k of sample n (channels_last).
+template <typename T>
+void pool_pixel_chunk(const ForwardArgs<T>& a, int64_t n, int64_t k, acc_t<T>* part) {
+  const Geometry& g = a.g;
+  const int64_t p0 = k * kPixelChunk, p1 = std::min(g.L, p0 + kPixelChunk);
+  std::fill(part, part + g.C, acc_t<T>(0));
+  sum_columns(a.x + (n * g.L + p0) * g.C, p1 - p0, g.C, part);
+}
+
+template <typename T>
+void scale_rows(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
+  const Geometry& g = a.g;
+  with_bools(a.residual != nullptr, a.mask != nullptr, [&](auto has_residual, auto relu) {
+    constexpr bool kRes = decltype(has_residual)::value, kRelu = decltype(relu)::value;
+    if (g.pixel_rows) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (n * g.rows + r) * g.row_len;
+        scale_row<T, true, kRes, kRelu>(a.x + off, a.G + n * g.C, kRes ? a.residual + off : nullptr, a.y + off,
+                                        kRelu ? a.mask + (n * g.rows + r) * g.mask_row_bytes : nullptr, g.row_len);
+      }
+      return;
+    }
+    with_row_vecs(g.row_len, [&](auto vecs) {
+      constexpr int kVecs = decltype(vecs)::value;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (n * g.rows + r) * g.row_len;
+        scale_row<T, false, kRes, kRelu, kVecs>(a.x + off, a.G + n * g.C + r, kRes ? a.residual + off : nullptr,
+                                                a.y + off,
+                                                kRelu ? a.mask + (n * g.rows + r) * g.mask_row_bytes : nullptr,
+                                                g.row_len);
+      }
+    });
+  });
+}
+
+template <typename T>
+void forward_per_sample(const ForwardArgs<T>& a, int64_t tile) {
+  using A = acc_t<T>;
+  const Geometry& g = a.g;
+  const int64_t tiles = (g.N + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> part(g.pixel_rows ? g.C : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, n1 = std::min(g.N, n0 + tile);
+      for (int64_t n = n0; n < n1; ++n) {
+        if (!g.pixel_rows) {
+          pool_nchw_rows(a, n * g.C, (n + 1) * g.C);
+        } else {
+          A* acc = a.P + n * g.C;
+          std::fill(acc, acc + g.C, A(0));
+          for (int64_t k = 0; k * kPixelChunk < g.L; ++k) {
+            pool_pixel_chunk(a, n, k, part.data());
+            add_into(acc, part.data(), g.C);
+          }
+          divide(acc, g.C, g.L);
+        }
+      }
+      mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C, a.G + n0 * g.C);
+      for (int64_t n = n0; n < n1; ++n) scale_rows(a, n, 0, g.rows);
+    }
+  });
+}
+
+template <typename T>
+void forward_split(const ForwardArgs<T>& a) {
+  using A = acc_t<T>;
+  const Geometry& g = a.g;
+  if (!g.pixel_rows) {
+    at::parallel_for(0, g.N * g.C, grain_rows(g.L), [&](int64_t b, int64_t e) { pool_nchw_rows(a, b, e); });
+  } else {
+    const int64_t chunks = (g.L + kPixelChunk - 1) / kPixelChunk;
+    std::vector<A> partials(g.N * chunks * g.C);
+    at::parallel_for(0, g.N * chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) pool_pixel_chunk(a, i / chunks, i % chunks, partials.data() + i * g.C);
+    });
+    at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        A* acc = a.P + n * g.C;
+        std::fill(acc, acc + g.C, A(0));
+        for (int64_t k = 0; k < chunks; ++k) add_into(acc, partials.data() + (n * chunks + k) * g.C, g.C);
+        divide(acc, g.C, g.L);
+      }
+    });
+  }
+  at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
+    mlp_forward(a.w, e - b, a.P + b * g.C, a.U1 + b * g.S, a.Z + b * g.S, a.U2 + b * g.C, a.G + b * g.C);
+  });
+  at::parallel_for(0, g.N * g.rows, grain_rows(g.row_len), [&](int64_t b, int64_t e) {
+    for_sample_rows(b, e, g.rows, [&](int64_t n, int64_t r0, int64_t r1) { scale_rows(a, n, r0, r1); });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forward_cpu(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& residual, c10::string_view activation,
+    c10::string_view gate, std::optional<c10::string_view> out_activation) {
+  const Act act = parse_activation(activation);
+  const Gate gt = parse_gate(gate);
+  const bool out_relu = parse_out_activation(out_activation);
+  const Geometry g = check_forward_args(x, w1, b1, w2, b2, residual);
+  TORCH_CHECK(x.device().is_cpu(), "se_kernels: the cpu kernels take CPU tensors; x is on ", x.device());
+
+  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  at::Tensor y = empty_output_like(x);
+  at::Tensor pooled = at::empty({g.N, g.C}, acc_opts);
+  at::Tensor hidden = at::empty({g.N, g.S}, acc_opts);
+  at::Tensor gate_logits = at::empty({g.N, g.C}, acc_opts);
+  at::Tensor relu_mask = empty_relu_mask(x, g, out_relu);
+  if (g.N == 0) return {y, pooled, hidden, gate_logits, relu_mask};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_forward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const auto weights = prepare_weights<A>(w1, b1, w2, b2);
+    at::Tensor z = at::empty({g.N, g.S}, acc_opts);
+    at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
+    ForwardArgs<scalar_t> a{g,
+                            x.const_data_ptr<scalar_t>(),
+                            residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr,
+                            y.mutable_data_ptr<scalar_t>(),
+                            out_relu ? relu_mask.mutable_data_ptr<uint8_t>() : nullptr,
+                            weights.view(g, act, gt),
+                            pooled.mutable_data_ptr<A>(),
+                            hidden.mutable_data_ptr<A>(),
+                            z.mutable_data_ptr<A>(),
+                            gate_logits.mutable_data_ptr<A>(),
+                            gates.mutable_data_ptr<A>()};
+    const Plan plan = make_plan(g, sizeof(scalar_t), sizeof(A));
+    if (plan.split)
+      forward_split(a);
+    else
+      forward_per_sample(a, plan.tile);
+  });
+  return {y, pooled, hidden, gate_logits, relu_mask};
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+struct BackwardArgs {
+  using A = acc_t<T>;
+  Geometry g;
+  const T* dy;
+  const T* x;
+  const uint8_t* mask;  // or nullptr
+  T* dx;                // or nullptr
+  T* dres;              // or nullptr
+  MlpWeights<A> w;
+  const A *U1, *U2;                // saved (N, S), (N, C)
+  A *DG, *G, *Z, *DZ2, *DZ1, *DP;  // (N, C), (N, C), (N, S), (N, C), (N, S), (N, C)
+};
+
+template <typename T>
+void gate_grad_nchw_rows(const BackwardArgs<T>& a, int64_t b, int64_t e) {
+  const Geometry& g = a.g;
+  const int64_t off = b * g.L;
+  if (a.mask)
+    dot_rows<T, true>(a.dy + off, a.x + off, a.mask + b * g.mask_row_bytes, g.mask_row_bytes, e - b, g.L, a.DG + b);
+  else
+    dot_rows<T, false>(a.dy + off, a.x + off, nullptr, 0, e - b, g.L, a.DG + b);
+}
+
+template <typename T>
+void gate_grad_pixel_chunk(const BackwardArgs<T>& a, int64_t n, int64_t k, acc_t<T>* part) {
+  const Geometry& g = a.g;
+  const int64_t p0 = k * kPixelChunk, p1 = std::min(g.L, p0 + kPixelChunk);
+  const int64_t off = (n * g.L + p0) * g.C;
+  std::fill(part, part + g.C, acc_t<T>(0));
+  if (a.mask)
+    dot_columns<T, true>(a.dy + off, a.x + off, a.mask + (n * g.L + p0) * g.mask_row_bytes,
+                                 g.mask_row_bytes, p1 - p0, g.C, part);
+  else
+    dot_columns<T, false>(a.dy + off, a.x + off, nullptr, 0, p1 - p0, g.C, part);
+}
+
+template <typename T>
+void grad_rows(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
+  const Geometry& g = a.g;
+  with_bools(g.pixel_rows, a.mask != nullptr, [&](auto pixel_rows, auto masked) {
+    constexpr bool kPerLane = decltype(pixel_rows)::value, kMask = decltype(masked)::value;
+    with_row_vecs(kPerLane ? 0 : g.row_len, [&](auto vecs) {
+      constexpr int kVecs = decltype(vecs)::value;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (n * g.rows + r) * g.row_len;
+        const uint8_t* m = kMask ? a.mask + (n * g.rows + r) * g.mask_row_bytes : nullptr;
+        const int64_t v = kPerLane ? n * g.C : n * g.C + r;  // offset of this row's g and dp
+        grad_row<T, kPerLane, kMask, kVecs>(a.dy + off, m, a.G + v, a.DP + v, a.dx ? a.dx + off : nullptr,
+                                            a.dres ? a.dres + off : nullptr, g.row_len);
+      }
+    });
+  });
+}
+
+template <typename T>
+void mlp_backward_range(const BackwardArgs<T>& a, int64_t n0, int64_t n1) {
+  const Geometry& g = a.g;
+  mlp_backward(a.w, n1 - n0, g.L, a.U1 + n0 * g.S, a.U2 + n0 * g.C, a.DG + n0 * g.C, a.G + n0 * g.C,
+               a.Z + n0 * g.S, a.DZ2 + n0 * g.C, a.DZ1 + n0 * g.S, a.DP + n0 * g.C);
+}
+
+template <typename T>
+void backward_per_sample(const BackwardArgs<T>& a, int64_t tile) {
+  using A = acc_t<T>;
+  const Geometry& g = a.g;
+  const bool second_pass = a.dx || a.dres;
+  const int64_t tiles = (g.N + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> part(g.pixel_rows ? g.C : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, n1 = std::min(g.N, n0 + tile);
+      for (int64_t n = n0; n < n1; ++n) {
+        if (!g.pixel_rows) {
+          gate_grad_nchw_rows(a, n * g.C, (n + 1) * g.C);
+        } else {
+          A* acc = a.DG + n * g.C;
+          std::fill(acc, acc + g.C, A(0));
+          for (int64_t k = 0; k * kPixelChunk < g.L; ++k) {
+            gate_grad_pixel_chunk(a, n, k, part.data());
+            add_into(acc, part.data(), g.C);
+          }
+        }
+      }
+      mlp_backward_range(a, n0, n1);
+      if (second_pass)
+        for (int64_t n = n0; n < n1; ++n) grad_rows(a, n, 0, g.rows);
+    }
+  });
+}
+
+template <typename T>
+void backward_split(const BackwardArgs<T>& a) {
+  using A = acc_t<T>;
+  const Geometry& g = a.g;
+  if (!g.pixel_rows) {
+    at::parallel_for(0, g.N * g.C, grain_rows(g.L), [&](int64_t b, int64_t e) { gate_grad_nchw_rows(a, b, e); });
+  } else {
+    const int64_t chunks = (g.L + kPixelChunk - 1) / kPixelChunk;
+    std::vector<A> partials(g.N * chunks * g.C);
+    at::parallel_for(0, g.N * chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) gate_grad_pixel_chunk(a, i / chunks, i % chunks, partials.data() + i * g.C);
+    });
+    at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        A* acc = a.DG + n * g.C;
+        std::fill(acc, acc + g.C, A(0));
+        for (int64_t k = 0; k < chunks; ++k) add_into(acc, partials.data() + (n * chunks + k) * g.C, g.C);
+      }
+    });
+  }
+  at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) { mlp_backward_range(a, b, e); });
+  if (a.dx || a.dres) {
+    at::parallel_for(0, g.N * g.rows, grain_rows(g.row_len), [&](int64_t b, int64_t e) {
+      for_sample_rows(b, e, g.rows, [&](int64_t n, int64_t r0, int64_t r1) { grad_rows(a, n, r0, r1); });
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& gate_logits, const at::Tensor& relu_mask,
+    c10::string_view activation, c10::string_view gate, std::optional<c10::string_view> out_activation,
+    bool need_grad_x, bool need_grad_residual) {
+  const Act act = parse_activation(activation);
+  const Gate gt = parse_gate(gate);
+  const bool out_relu = parse_out_activation(out_activation);
+  const Geometry g = check_backward_args(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, out_relu);
+  TORCH_CHECK(x.device().is_cpu(), "se_kernels: the cpu kernels take CPU tensors; x is on ", x.device());
+  need_grad_residual = need_grad_residual && out_relu;
+
+  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  at::Tensor grad_x = need_grad_x ? empty_output_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_residual = need_grad_residual ? empty_output_like(x) : at::empty({0}, x.options());
+  at::Tensor dz2 = at::empty({g.N, g.C}, acc_opts);
+  at::Tensor dz1 = at::empty({g.N, g.S}, acc_opts);
+  at::Tensor z = at::empty({g.N, g.S}, acc_opts);
+
+  if (g.N > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cpu", [&] {
+      using A = acc_t<scalar_t>;
+      const auto weights = prepare_weights<A>(w1, std::nullopt, w2, std::nullopt);
+      at::Tensor dg = at::empty({g.N, g.C}, acc_opts);
+      at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
+      at::Tensor dp = at::empty({g.N, g.C}, acc_opts);
+      BackwardArgs<scalar_t> a{g,
+                               grad_y.const_data_ptr<scalar_t>(),
+                               x.const_data_ptr<scalar_t>(),
+                               out_relu ? relu_mask.const_data_ptr<uint8_t>() : nullptr,
+                               need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+                               need_grad_residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+                               weights.view(g, act, gt),
+                               hidden.const_data_ptr<A>(),
+                               gate_logits.const_data_ptr<A>(),
+                               dg.mutable_data_ptr<A>(),
+                               gates.mutable_data_ptr<A>(),
+                               z.mutable_data_ptr<A>(),
+                               dz2.mutable_data_ptr<A>(),
+                               dz1.mutable_data_ptr<A>(),
+                               dp.mutable_data_ptr<A>()};
+      const Plan plan = make_plan(g, 2 * sizeof(scalar_t), sizeof(A));
+      if (plan.split)
+        backward_split(a);
+      else
+        backward_per_sample(a, plan.tile);
+    });
+  } else {
+    dz2.zero_();
+    dz1.zero_();
+    z.zero_();
+  }
+  // dW2 = dz2^T z, dW1 = dz1^T pooled, db = column sums: small GEMMs over the batch.
+  at::Tensor grad_w2 = at::mm(dz2.t(), z).to(w2.scalar_type());
+  at::Tensor grad_w1 = at::mm(dz1.t(), pooled).to(w1.scalar_type());
+  at::Tensor grad_b2 = dz2.sum(0).to(w2.scalar_type());
+  at::Tensor grad_b1 = dz1.sum(0).to(w1.scalar_type());
+  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(se_kernels, CPU, m) {
+  m.impl("se_forward", &se_forward_cpu);
+  m.impl("se_backward", &se_backward_cpu);
+}
+
+}  // namespace se_kernels::cpu

@@ -1,0 +1,246 @@
+"""The registered ops: fake kernels and autograd for se_kernels::se_forward/se_backward
+(schemas in csrc/se.cpp), the memory-layout rule the kernels rely on, and backend choice.
+
+se_forward returns (y, pooled, hidden, gate_logits, relu_mask); the last four are what the
+backward needs besides x and the weights: three (N, C)/(N, S) float tensors and, with the
+relu epilogue, one bit per element of y (see csrc/se.cpp).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+from . import reference
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.se_kernels.*)
+
+    _EXT_ERROR: Optional[BaseException] = None
+except (ImportError, OSError) as exc:  # not built, or built against another torch
+    _EXT_ERROR = exc
+
+
+def extension_error() -> Optional[BaseException]:
+    """Why se_kernels._C did not load, or None if it did."""
+    return _EXT_ERROR
+
+
+# ---------------------------------------------------------------------------------------
+# Memory layout. The kernels walk x as NCHW rows (H*W pixels of one channel) or as
+# channels_last rows (C channels of one pixel; also whenever H*W == 1). Every tensor shaped
+# like x that a kernel reads or writes has x's layout.
+
+
+def uses_pixel_rows(x: torch.Tensor) -> bool:
+    return x.shape[2] * x.shape[3] == 1 or not x.is_contiguous()
+
+
+def as_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def like_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if uses_pixel_rows(x):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels: output metadata without computing (torch.compile, export, meta tensors).
+
+
+def forward_fake(x, w1, b1, w2, b2, residual, activation, gate, out_activation):
+    n, c, h, w = x.shape
+    s = w1.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    if out_activation == "relu":
+        rows, row_len = (h * w, c) if uses_pixel_rows(x) else (c, h * w)
+        relu_mask = x.new_empty((n, rows, (row_len + 7) // 8), dtype=torch.uint8)
+    else:
+        relu_mask = x.new_empty((0,), dtype=torch.uint8)
+    return (
+        torch.empty_like(x),
+        x.new_empty((n, c), dtype=acc),
+        x.new_empty((n, s), dtype=acc),
+        x.new_empty((n, c), dtype=acc),
+        relu_mask,
+    )
+
+
+def backward_fake(
+    grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
+    need_grad_x, need_grad_residual,
+):
+    grad_x = torch.empty_like(x) if need_grad_x else x.new_empty((0,))
+    if need_grad_residual and out_activation == "relu":
+        grad_residual = torch.empty_like(x)
+    else:
+        grad_residual = x.new_empty((0,))
+    return (
+        grad_x,
+        w1.new_empty(w1.shape),
+        w1.new_empty((w1.shape[0],)),
+        w2.new_empty(w2.shape),
+        w2.new_empty((w2.shape[0],)),
+        grad_residual,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd. Saved: x, the weights, the (N, C)/(N, S) vectors and the relu bit mask.
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, activation, gate, out_activation = inputs
+    _, pooled, hidden, gate_logits, relu_mask = output
+    ctx.mark_non_differentiable(pooled, hidden, gate_logits, relu_mask)
+    ctx.save_for_backward(x, w1, w2, pooled, hidden, gate_logits, relu_mask)
+    ctx.options = (activation, gate, out_activation)
+
+
+def make_backward(backward_op):
+    def backward(ctx, grad_y, *_aux_grads):
+        x, w1, w2, pooled, hidden, gate_logits, relu_mask = ctx.saved_tensors
+        activation, gate, out_activation = ctx.options
+        needs = ctx.needs_input_grad
+        grad_y = like_layout(grad_y, x)
+        grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual = backward_op(
+            grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
+            needs[0], needs[5],
+        )
+        if needs[5] and out_activation is None:
+            grad_residual = grad_y  # y = x * g + residual: the residual's gradient is grad_y
+        return (
+            grad_x if needs[0] else None,
+            grad_w1 if needs[1] else None,
+            grad_b1 if needs[2] else None,
+            grad_w2 if needs[3] else None,
+            grad_b2 if needs[4] else None,
+            grad_residual if needs[5] else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+def register(forward_name: str, backward_name: str) -> None:
+    """Fake kernels and autograd for one forward/backward op pair with se_forward's schema."""
+    torch.library.register_fake(forward_name)(forward_fake)
+    torch.library.register_fake(backward_name)(backward_fake)
+    backward_op = getattr(torch.ops.se_kernels, backward_name.split("::")[1])
+    torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=_setup_context)
+
+
+if _EXT_ERROR is None:
+    register("se_kernels::se_forward", "se_kernels::se_backward")
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+
+
+def _has_native_kernel(dispatch_key: str) -> bool:
+    return _EXT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "se_kernels::se_forward", dispatch_key
+    )
+
+
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the se_kernels checkout "
+    "(see README.md, Install)"
+)
+
+
+def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
+    """None if `backend` can run tensors of `device_type`, else a sentence saying why not."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the 'cpu' backend takes CPU tensors, and x is on {device_type}"
+        if _EXT_ERROR is not None:
+            return f"the native extension se_kernels._C did not load ({_EXT_ERROR}); {_BUILD_HINT}"
+        return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the 'cuda' backend takes CUDA tensors, and x is on {device_type}"
+        if _EXT_ERROR is not None:
+            return f"the native extension se_kernels._C did not load ({_EXT_ERROR}); {_BUILD_HINT}"
+        if not _has_native_kernel("CUDA"):
+            return (
+                "se_kernels._C was built without CUDA kernels; rebuild with FORCE_CUDA=1 and "
+                "CUDA_HOME pointing at a CUDA toolkit"
+            )
+        return None
+    if backend == "triton":
+        return "the Triton kernels are not part of this version of se_kernels yet"
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Backends that can run tensors on `device`, fastest first ("auto" takes the first)."""
+    device_type = torch.device(device).type
+    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+_warned_fallback = False
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device_type: str) -> str:
+    """The backend that runs a call: `backend` itself, or for "auto" the SE_KERNELS_BACKEND
+    environment variable if set, else the fastest available. A backend named explicitly (by
+    argument or variable) that cannot run raises RuntimeError saying why."""
+    global _warned_fallback
+    if backend == "auto":
+        backend = os.environ.get("SE_KERNELS_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(
+                f"SE_KERNELS_BACKEND must be one of {('auto',) + BACKENDS}; got {backend!r}"
+            )
+    if backend != "auto":
+        reason = unavailable_reason(backend, device_type)
+        if reason is not None:
+            raise RuntimeError(f"se_kernels backend {backend!r} is not available: {reason}")
+        return backend
+    chosen = available_backends(device_type)[0]
+    if chosen == "torch" and _EXT_ERROR is not None and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"se_kernels: the native extension did not load ({_EXT_ERROR}); backend 'auto' falls "
+            f"back to the unfused 'torch' backend. To get the fused kernels, {_BUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return chosen
+
+
+def native_forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation):
+    """y from the C++/CUDA kernels (the dispatcher picks the device's kernel)."""
+    x = as_kernel_layout(x)
+    if residual is not None:
+        residual = like_layout(residual, x)
+    return torch.ops.se_kernels.se_forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation)[0]
+
+
+def run_backend(backend, x, w1, b1, w2, b2, residual, activation, gate, out_activation):
+    if backend == "torch":
+        return reference.se_reference(
+            x, w1, b1, w2, b2, activation=activation, gate=gate, residual=residual,
+            out_activation=out_activation,
+        )
+    return native_forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation)
