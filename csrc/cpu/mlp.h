@@ -233,4 +233,41 @@ void mlp_backward(const MlpWeights<A>& w, int64_t nt, int64_t L, const A* U1, co
   for (int64_t i = 0; i < nt * C; ++i) DP[i] /= A(L);
 }
 
+// Weight gradients over the batch, for the columns [c0, c1) of C:
+//   out (S, C) = left^T right, out[s, c] = sum_n left[n, s] * right[n, c]   (left (N, S), right (N, C))
+//   col_sum (C) = sum_n right[n, c]   (if col_sum is not null)
+// Each element adds the samples in order: the result does not depend on how columns are split
+// over threads (no atomics, no thread-count-dependent reduction trees).
+template <typename A>
+void outer_sum_columns(const A* left, const A* right, int64_t N, int64_t S, int64_t C, int64_t c0, int64_t c1,
+                       A* out, A* col_sum) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  constexpr int K = 4;
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t c = c0;
+    for (; c + K * W <= c1; c += K * W) {
+      V acc[K];
+      for (int k = 0; k < K; ++k) acc[k] = V(A(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const V l(left[n * S + s]);
+        for (int k = 0; k < K; ++k) acc[k] = at::vec::fmadd(l, V::loadu(right + n * C + c + k * W), acc[k]);
+      }
+      for (int k = 0; k < K; ++k) acc[k].store(out + s * C + c + k * W);
+    }
+    for (; c < c1; ++c) {
+      A acc = 0;
+      for (int64_t n = 0; n < N; ++n) acc += left[n * S + s] * right[n * C + c];
+      out[s * C + c] = acc;
+    }
+  }
+  if (col_sum) {
+    for (int64_t c = c0; c < c1; ++c) {
+      A acc = 0;
+      for (int64_t n = 0; n < N; ++n) acc += right[n * C + c];
+      col_sum[c] = acc;
+    }
+  }
+}
+
 }  // namespace se_kernels::cpu

@@ -492,16 +492,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       else
         backward_per_sample(a, plan.tile);
     });
-  } else {
-    dz2.zero_();
-    dz1.zero_();
-    z.zero_();
   }
-  // dW2 = dz2^T z, dW1 = dz1^T pooled, db = column sums: small GEMMs over the batch.
-  at::Tensor grad_w2 = at::mm(dz2.t(), z).to(w2.scalar_type());
-  at::Tensor grad_w1 = at::mm(dz1.t(), pooled).to(w1.scalar_type());
-  at::Tensor grad_b2 = dz2.sum(0).to(w2.scalar_type());
-  at::Tensor grad_b1 = dz1.sum(0).to(w1.scalar_type());
+  // dW2^T (S, C) = z^T dz2, dW1 (S, C) = dz1^T pooled, db2 = column sums of dz2, db1 = column
+  // sums of dz1: each element sums the batch in order (see outer_sum_columns).
+  at::Tensor grad_w2t = at::empty({g.S, g.C}, acc_opts);
+  at::Tensor grad_w1 = at::empty({g.S, g.C}, acc_opts);
+  at::Tensor grad_b2 = at::empty({g.C}, acc_opts);
+  at::Tensor grad_b1 = at::empty({g.S}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES(grad_w1.scalar_type(), "se_weight_grads_cpu", [&] {
+    using A = scalar_t;
+    const A *zp = z.const_data_ptr<A>(), *dz2p = dz2.const_data_ptr<A>();
+    const A *dz1p = dz1.const_data_ptr<A>(), *pp = pooled.const_data_ptr<A>();
+    A *gw2t = grad_w2t.mutable_data_ptr<A>(), *gw1 = grad_w1.mutable_data_ptr<A>();
+    A *gb2 = grad_b2.mutable_data_ptr<A>(), *gb1 = grad_b1.mutable_data_ptr<A>();
+    at::parallel_for(0, (g.C + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.N * g.S)),
+                     [&](int64_t b, int64_t e) {
+                       const int64_t c0 = b * 64, c1 = std::min(g.C, e * 64);
+                       outer_sum_columns(zp, dz2p, g.N, g.S, g.C, c0, c1, gw2t, gb2);
+                       outer_sum_columns(dz1p, pp, g.N, g.S, g.C, c0, c1, gw1, static_cast<A*>(nullptr));
+                     });
+    for (int64_t s = 0; s < g.S; ++s) {
+      A acc = 0;
+      for (int64_t n = 0; n < g.N; ++n) acc += dz1p[n * g.S + s];
+      gb1[s] = acc;
+    }
+  });
+  grad_w1 = grad_w1.to(w1.scalar_type());
+  at::Tensor grad_w2 = grad_w2t.t().contiguous().to(w2.scalar_type());
+  grad_b2 = grad_b2.to(w2.scalar_type());
+  grad_b1 = grad_b1.to(w1.scalar_type());
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual};
 }
 

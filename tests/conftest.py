@@ -1,0 +1,118 @@
+"""Shared helpers: input builders, the float64 oracle, error measures, poisoned allocations."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import pytest
+import torch
+
+from se_kernels import available_backends, ops
+from se_kernels.reference import se_reference
+
+# Backends that run CPU tensors here ("torch" always; "cpu" when se_kernels._C is built).
+CPU_BACKENDS = available_backends("cpu")
+NATIVE_CPU = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason=f"se_kernels._C not built: {ops.extension_error()}")
+
+ACTIVATIONS = ("relu", "silu", "gelu", "hardswish")
+GATES = ("sigmoid", "hardsigmoid")
+GRAD_NAMES = ("x", "w1", "b1", "w2", "b2", "residual")
+
+
+def pytest_configure(config):
+    # make test sets SE_KERNELS_REQUIRE_EXT=1: a build that silently failed must fail the run,
+    # not skip every native-kernel test.
+    if os.environ.get("SE_KERNELS_REQUIRE_EXT") == "1" and ops.extension_error() is not None:
+        raise pytest.UsageError(f"SE_KERNELS_REQUIRE_EXT=1 but se_kernels._C did not load: {ops.extension_error()}")
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """Every torch.empty* is filled with NaN (deterministic mode), so an output element or a
+    scratch buffer that a kernel forgets to write shows up as NaN."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@dataclass
+class Case:
+    shape: Tuple[int, int, int, int]
+    squeeze: int
+    activation: str = "relu"
+    gate: str = "sigmoid"
+    bias: bool = True
+    residual: bool = False
+    out_activation: Optional[str] = None
+    channels_last: bool = False
+
+    def options(self) -> dict:
+        return dict(activation=self.activation, gate=self.gate, out_activation=self.out_activation)
+
+
+def fresh_seed() -> int:
+    """A new seed per check (fresh inputs every run); assertion messages print it."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int) -> Dict[str, Optional[torch.Tensor]]:
+    """Random inputs drawn in float64 and cast to dtype. Weights are scaled so the hidden layer
+    and gate logits are O(1), where the activations and gates are not flat."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = case.shape
+    s = case.squeeze
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) + 0.5
+    t = {
+        "x": x,
+        "w1": torch.randn(s, c, generator=g, dtype=torch.float64) * (2.0 / c) ** 0.5,
+        "b1": torch.randn(s, generator=g, dtype=torch.float64) * 0.5 if case.bias else None,
+        "w2": torch.randn(c, s, generator=g, dtype=torch.float64) * (2.0 / s) ** 0.5,
+        "b2": torch.randn(c, generator=g, dtype=torch.float64) * 0.5 if case.bias else None,
+        "residual": torch.randn(n, c, h, w, generator=g, dtype=torch.float64) if case.residual else None,
+    }
+    out = {}
+    for k, v in t.items():
+        if v is None:
+            out[k] = None
+            continue
+        v = v.to(dtype)
+        if case.channels_last and v.dim() == 4:
+            v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def run(fn, inputs: Dict[str, Optional[torch.Tensor]], dy: torch.Tensor, case: Case, **kw):
+    """y and the gradients of every tensor input, for fn(x, w1, b1, w2, b2, residual=..., ...)."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    y = fn(
+        leaves["x"], leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"],
+        residual=leaves["residual"], **case.options(), **kw,
+    )
+    y.backward(dy)
+    grads = {k: (v.grad if v is not None else None) for k, v in leaves.items()}
+    return y.detach(), grads
+
+
+def reference64(inputs, dy, case: Case):
+    """The oracle: the unfused reference in float64."""
+    inputs64 = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+    return run(se_reference, inputs64, dy.double(), case)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in float64 (0 when both are 0)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    if denom == 0.0:
+        return diff
+    return diff / denom
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0

@@ -1,0 +1,269 @@
+"""The fused op on every CPU backend against the float64 reference: gradcheck, float32 and
+reduced-precision accuracy of the output and of every gradient, odd shapes, layouts, poisoned
+allocations, NaN propagation, launch-plan independence, determinism and saved memory."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import (
+    ACTIVATIONS, CPU_BACKENDS, GATES, GRAD_NAMES, NATIVE_CPU, Case, fresh_seed, make_inputs, max_err,
+    reference64, rel_err, run,
+)
+from se_kernels import fused_se
+from se_kernels.reference import se_reference
+
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
+
+# (residual, out_activation)
+EPILOGUES = [(False, None), (True, None), (True, "relu"), (False, "relu")]
+
+# (shape, S): every size class the kernels treat differently.
+ODD_SHAPES = [
+    ((2, 1, 3, 3), 1),      # C = 1
+    ((2, 3, 4, 5), 1),      # C = 3, S = 1
+    ((3, 16, 1, 1), 4),     # H*W = 1 (walked as channels_last rows)
+    ((2, 24, 1, 13), 5),    # prime H*W
+    ((2, 40, 7, 7), 10),    # 49: vector body + scalar tail
+    ((0, 16, 4, 4), 4),     # N = 0
+    ((5, 37, 3, 2), 7),     # C and H*W not multiples of 8, H*W < 8
+    ((1, 64, 8, 8), 4),     # N = 1: the split plan when there are 2+ threads
+    ((9, 72, 4, 4), 6),     # short rows: groups of 8 rows and a remainder
+    ((2, 8, 16, 16), 2),    # long rows (256)
+    ((3, 130, 2, 4), 9),    # 130 channels: vector blocks + tail
+    ((2, 3, 67, 67), 2),    # channels_last pooling over several pixel chunks (4489 pixels)
+]
+
+
+def _check_float32(backend: str, case: Case, seed: int) -> None:
+    inputs = make_inputs(case, torch.float32, seed)
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(seed + 1))
+    y, grads = run(fused_se, inputs, dy, case, backend=backend)
+    y_ref, grads_ref = reference64(inputs, dy, case)
+    where = f"backend={backend} {case} seed={seed}"
+    assert y.dtype == torch.float32 and y.shape == case.shape, where
+    assert not torch.isnan(y).any(), f"NaN in y (unwritten output?): {where}"
+    assert rel_err(y, y_ref) < 1e-5, f"y: rel err {rel_err(y, y_ref):.3g} {where}"
+    for name in GRAD_NAMES:
+        if inputs[name] is None:
+            continue
+        g, g_ref = grads[name], grads_ref[name]
+        assert g is not None and g.shape == inputs[name].shape and g.dtype == torch.float32, f"grad {name}: {where}"
+        assert not torch.isnan(g).any(), f"NaN in grad {name}: {where}"
+        assert rel_err(g, g_ref) < 1e-5, f"grad {name}: rel err {rel_err(g, g_ref):.3g} {where}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,squeeze", ODD_SHAPES)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_float32_odd_shapes(backend, channels_last, shape, squeeze, epilogue):
+    i = ODD_SHAPES.index((shape, squeeze))
+    case = Case(
+        shape, squeeze, ACTIVATIONS[i % 4], GATES[i % 2], bias=i % 3 != 0,
+        residual=epilogue[0], out_activation=epilogue[1], channels_last=channels_last,
+    )
+    _check_float32(backend, case, fresh_seed())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_options(backend, activation, gate, epilogue, bias, channels_last):
+    case = Case((4, 48, 5, 5), 12, activation, gate, bias, epilogue[0], epilogue[1], channels_last)
+    _check_float32(backend, case, fresh_seed())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("shape,channels_last", [((2, 6, 3, 3), False), ((2, 10, 3, 2), True), ((3, 9, 1, 1), False)])
+def test_gradcheck_float64(backend, activation, gate, epilogue, shape, channels_last):
+    case = Case(shape, 3, activation, gate, True, epilogue[0], epilogue[1], channels_last)
+    seed = fresh_seed()
+    inputs = make_inputs(case, torch.float64, seed)
+    names = [k for k in ("x", "w1", "b1", "w2", "b2", "residual") if inputs[k] is not None]
+    tensors = tuple(inputs[k].clone().requires_grad_() for k in names)
+
+    def fn(*args):
+        kw = dict(zip(names, args))
+        return fused_se(
+            kw["x"], kw["w1"], kw["b1"], kw["w2"], kw["b2"], residual=kw.get("residual"), backend=backend,
+            **case.options(),
+        )
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-6, rtol=1e-4), f"{case} seed={seed}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case_index", range(4))
+def test_reduced_precision(backend, dtype, atol, channels_last, case_index):
+    """Error against the float64 reference at most twice eager PyTorch's error in the same dtype,
+    plus atol (relative to the largest reference value): the flash-attention test rule."""
+    shape, squeeze = [((4, 64, 6, 6), 4), ((2, 40, 7, 7), 10), ((3, 24, 1, 1), 6), ((2, 130, 3, 5), 8)][case_index]
+    epilogue = EPILOGUES[case_index]
+    case = Case(shape, squeeze, ACTIVATIONS[case_index], GATES[case_index % 2], True, epilogue[0], epilogue[1],
+                channels_last)
+    seed = fresh_seed()
+    inputs = make_inputs(case, dtype, seed)
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    y, grads = run(fused_se, inputs, dy, case, backend=backend)
+    y_eager, grads_eager = run(se_reference, inputs, dy, case)
+    y_ref, grads_ref = reference64(inputs, dy, case)
+    assert y.dtype == dtype
+    pairs = [("y", y, y_eager, y_ref)] + [
+        (k, grads[k], grads_eager[k], grads_ref[k]) for k in GRAD_NAMES if inputs[k] is not None
+    ]
+    for name, out, eager, ref in pairs:
+        scale = max(ref.abs().max().item(), 1e-30)
+        ours, theirs = max_err(out, ref) / scale, max_err(eager, ref) / scale
+        assert out.dtype == dtype, name
+        assert ours <= 2 * theirs + atol, f"{name}: error {ours:.3g} vs eager {theirs:.3g} ({dtype}, {case}, seed={seed})"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    seed = fresh_seed()
+    case = Case((3, 20, 6, 5), 5, "silu", "sigmoid", True, True, "relu")
+    inputs = make_inputs(case, torch.float32, seed)
+    # x and residual as strided views (every other channel of a wider tensor), weights transposed views
+    wide = torch.randn(3, 40, 6, 5)
+    wide[:, ::2] = inputs["x"]
+    inputs["x"] = wide[:, ::2]
+    inputs["residual"] = inputs["residual"].transpose(2, 3).contiguous().transpose(2, 3)
+    inputs["w1"] = inputs["w1"].t().contiguous().t()
+    assert not inputs["x"].is_contiguous() and not inputs["w1"].is_contiguous()
+    dy = torch.randn(case.shape).transpose(0, 1).contiguous().transpose(0, 1)  # odd strides for grad_y
+    y, grads = run(fused_se, inputs, dy, case, backend=backend)
+    y_ref, grads_ref = reference64(inputs, dy, case)
+    assert rel_err(y, y_ref) < 1e-5
+    for k in GRAD_NAMES:
+        assert rel_err(grads[k], grads_ref[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_layout_follows_input(backend, channels_last):
+    case = Case((2, 16, 5, 5), 4, channels_last=channels_last)
+    x = make_inputs(case, torch.float32, fresh_seed())
+    y = fused_se(x["x"], x["w1"], x["b1"], x["w2"], x["b2"], backend=backend)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("out_activation", [None, "relu"])
+def test_nan_propagates_like_reference(backend, gate, out_activation):
+    case = Case((3, 16, 4, 4), 4, "silu", gate, out_activation=out_activation)
+    inputs = make_inputs(case, torch.float32, fresh_seed())
+    inputs["x"][1, 3, 2, 2] = float("nan")
+    y = fused_se(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], gate=gate,
+                 activation="silu", out_activation=out_activation, backend=backend)
+    y_ref = se_reference(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], gate=gate,
+                         activation="silu", out_activation=out_activation)
+    assert torch.isnan(y_ref[1]).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(6, 48, 7, 7), (5, 72, 4, 4), (3, 8, 40, 40)])
+def test_results_do_not_depend_on_threads_or_batch(channels_last, shape):
+    """Per-sample results (y, grad_x, and the per-sample vectors) are bit-identical whatever the
+    thread count and whichever other samples share the batch: the launch plan (per-sample tiles
+    or split phases) changes only who computes, not the arithmetic."""
+    case = Case(shape, shape[1] // 4, "gelu", "sigmoid", True, True, "relu", channels_last)
+    inputs = make_inputs(case, torch.float32, fresh_seed())
+    dy = torch.randn(shape)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run(fused_se, inputs, dy, case, backend="cpu"))
+        # sample 1 alone (a one-sample batch: the split plan when threads > 1)
+        torch.set_num_threads(2)
+        alone = {k: (v[1:2] if v is not None and v.dim() == 4 else v) for k, v in inputs.items()}
+        y_alone, g_alone = run(fused_se, alone, dy[1:2], case, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1) = results[0]
+    for y, g in results[1:]:
+        assert torch.equal(y, y1)
+        for k in GRAD_NAMES:
+            assert torch.equal(g[k], g1[k]), k
+    assert torch.equal(y_alone, y1[1:2])
+    assert torch.equal(g_alone["x"], g1["x"][1:2])
+    assert torch.equal(g_alone["residual"], g1["residual"][1:2])
+
+
+@NATIVE_CPU
+def test_backward_is_deterministic():
+    case = Case((16, 64, 6, 6), 8, "silu", "hardsigmoid", True, True, "relu")
+    inputs = make_inputs(case, torch.float32, fresh_seed())
+    dy = torch.randn(case.shape)
+    _, g1 = run(fused_se, inputs, dy, case, backend="cpu")
+    _, g2 = run(fused_se, inputs, dy, case, backend="cpu")
+    for k in GRAD_NAMES:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("needs", ["x", "weights", "residual"])
+def test_partial_requires_grad(needs):
+    case = Case((3, 16, 5, 5), 4, "relu", "sigmoid", True, True, "relu")
+    inputs = make_inputs(case, torch.float32, fresh_seed())
+    leaves = {k: v.clone() for k, v in inputs.items()}
+    wanted = {"x": ["x"], "weights": ["w1", "b1", "w2", "b2"], "residual": ["residual"]}[needs]
+    for k in wanted:
+        leaves[k].requires_grad_()
+    y = fused_se(leaves["x"], leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"], residual=leaves["residual"],
+                 out_activation="relu", backend="cpu")
+    dy = torch.randn(case.shape)
+    y.backward(dy)
+    _, grads_ref = reference64(inputs, dy, case)
+    for k in GRAD_NAMES:
+        if k in wanted:
+            assert rel_err(leaves[k].grad, grads_ref[k]) < 1e-5, k
+        else:
+            assert leaves[k].grad is None, k
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while fn() builds the graph."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("out_activation", [None, "relu"])
+def test_saves_only_x_small_vectors_and_mask(out_activation):
+    n, c, h, w, s = 8, 64, 16, 16, 4
+    x = torch.randn(n, c, h, w, requires_grad=True)
+    r = torch.randn(n, c, h, w, requires_grad=True)
+    w1, w2 = torch.randn(s, c, requires_grad=True), torch.randn(c, s, requires_grad=True)
+    saved = _saved_bytes(lambda: fused_se(x, w1, None, w2, None, residual=r, out_activation=out_activation,
+                                          backend="cpu"))
+    x_bytes = x.numel() * 4
+    small = (3 * n * c + n * s) * 4 + (w1.numel() + w2.numel()) * 4
+    mask = n * c * ((h * w + 7) // 8) if out_activation else 0
+    assert saved <= x_bytes + small + mask
+    eager = _saved_bytes(lambda: se_reference(x, w1, None, w2, None, residual=r, out_activation=out_activation))
+    assert saved < eager or out_activation is None
