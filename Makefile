@@ -1,0 +1,35 @@
+# The two commands (README.md): `make bench` sets up and runs the op benchmark,
+# `make test` sets up and runs the test suite. Both create $(VENV) on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Compile the CUDA sources too wherever a CUDA toolkit is installed (they compile and link
+# without a GPU); `make FORCE_CUDA=0 ...` skips them.
+CUDA_HOME ?= /usr/local/cuda
+ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
+FORCE_CUDA ?= 1
+endif
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST
+
+.PHONY: test bench build clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.deps
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test: build
+	SE_KERNELS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_se.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build se_kernels/_C*.so *.egg-info
