@@ -18,8 +18,8 @@ The block is float32 with S = C // 16, ReLU after fc1 and a sigmoid gate; --resi
 residual input and out_activation="relu". All providers of a shape share weights and inputs.
 
 SE is memory bound, so each time is also set against a floor: the bytes any implementation
-must move (floor_bytes) at the bandwidth y.copy_(x) reaches on the same shape in the same run.
-"fraction of floor" 1.0 means as fast as copying those bytes.
+must move (floor_bytes) at the bandwidth y.copy_(x) reaches on the same shape, timed in the
+same rounds as the providers. "fraction of floor" 1.0 means as fast as copying those bytes.
 
 Method: each provider is warmed up (torch.compile's first call, which compiles, is timed and
 reported on its own, never in the timings), then checked against eager (outputs and, in full
@@ -29,12 +29,22 @@ number of rounds adapts to the speed of the shape (TARGET_S of measured time per
 between MIN_ROUNDS and MAX_ROUNDS). Reported: the median and the 20th/80th percentiles of the
 per-call time, GB/s of floor bytes, the fraction of floor, speedups over eager and compile, and
 per mode the geometric mean of the speedups over all shapes.
+
+Two settings that shape the numbers:
+- malloc: on glibc the script makes freed memory stay with the process (keep_freed_memory), so
+  a call does not pay page faults for freshly mapped output pages; --system-malloc opts out.
+- torch.compile compiles each shape statically (dynamic=False), two graphs per shape (no_grad
+  and training), 10 for the default run. Nothing is done to shorten that beyond inductor's
+  on-disk caches, which are on by default (TORCHINDUCTOR_CACHE_DIR, else
+  /tmp/torchinductor_$USER): on the 2-core VM this was written on, the 10 warm-ups took ~45 s
+  with an empty cache (whole run ~70 s) and ~2-3 s with a warm one (whole run ~25 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import datetime
 import math
 import platform
@@ -69,9 +79,16 @@ DTYPE = torch.float32
 REDUCTION = 16
 ACTIVATION = "relu"
 GATE = "sigmoid"
-RTOL, ATOL = 1e-4, 1e-5  # the float32 correctness guard
+# The float32 correctness guard against eager: elementwise |got - eager| <= ATOL + RTOL |eager|
+# for y, dx, d_residual and the weight gradients. The bias gradients are sums over N*H*W
+# terms (up to ~1e5) that nearly cancel in places, and float32 rounding in another summation
+# order moves single elements past that bound (eager's own error against float64 reaches
+# half of it; compile's and cpu's reach 1-2x of it against eager on the default shapes), so
+# they are compared tensor-wise: max |got - eager| <= ATOL + RTOL max |eager|.
+RTOL, ATOL = 1e-4, 1e-5
+TENSORWISE = ("d_fc1.bias", "d_fc2.bias")
 
-TARGET_S = 0.3  # measured time per provider per (shape, mode)
+TARGET_S = 0.5  # measured time per provider per (shape, mode)
 MIN_ROUNDS, MAX_ROUNDS = 10, 200
 COPY = "copy"  # the name of the copy workload in the timing rounds; not a provider
 WARMUP_ROUNDS = 3  # after the first call and the check; timed only to choose the rounds
@@ -88,7 +105,7 @@ class SESpec:
     squeeze_channels: int
     out_activation: Optional[str]
 
-    def kwargs(self) -> dict:
+    def kwargs(self) -> Dict[str, Optional[str]]:
         return dict(activation=ACTIVATION, gate=GATE, out_activation=self.out_activation)
 
 
@@ -101,7 +118,8 @@ def _with_weights(module: nn.Module, state: Dict[str, torch.Tensor], device: tor
 
 
 def eager_provider(spec: SESpec, state: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    return _with_weights(ReferenceSE(spec.channels, spec.squeeze_channels, **spec.kwargs()), state, device)
+    module = ReferenceSE(spec.channels, spec.squeeze_channels, **spec.kwargs())
+    return _with_weights(module, state, device)
 
 
 def compile_provider(spec: SESpec, state: Dict[str, torch.Tensor], device: torch.device) -> nn.Module:
@@ -213,14 +231,15 @@ def check_against_eager(
                 got = None if actual is None else tuple(actual.shape)
                 sys.exit(f"bench_se: {provider} {format_shape(shape)} {mode}: {name} is {got}, "
                          f"eager gives {tuple(want.shape)}; not benchmarking a wrong kernel")
-            if not torch.allclose(actual, want, rtol=RTOL, atol=ATOL):
-                err = (actual - want).abs()
-                worst = int(err.argmax())
+            scale = want.abs().max() if name in TENSORWISE else want.abs()
+            excess = (actual - want).abs() / (ATOL + RTOL * scale)  # > 1: out of tolerance
+            if not excess.max() <= 1:  # also catches NaN
+                worst = int(excess.nan_to_num(math.inf).argmax())
                 sys.exit(
                     f"bench_se: {provider} {format_shape(shape)} {mode}: {name} differs from eager "
-                    f"beyond rtol={RTOL}, atol={ATOL}: max |diff| {err.max().item():.3g} "
-                    f"(got {actual.flatten()[worst].item():.6g}, eager {want.flatten()[worst].item():.6g}); "
-                    f"not benchmarking a wrong kernel"
+                    f"beyond rtol={RTOL}, atol={ATOL}{' (tensor-wise)' if name in TENSORWISE else ''} "
+                    f"at flat index {worst}: got {actual.flatten()[worst].item():.7g}, "
+                    f"eager {want.flatten()[worst].item():.7g}; not benchmarking a wrong kernel"
                 )
 
 
@@ -289,6 +308,23 @@ def copy_workload(inputs: Inputs) -> Tuple[Workload, int]:
     return Workload(run=lambda: y.copy_(x), reset=lambda: None), 2 * x.numel() * x.element_size()
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse: no mmap (M_MMAP_MAX = 0) and no trimming
+    of the heap (M_TRIM_THRESHOLD = 2 GiB). PyTorch has no caching allocator on the CPU, and by
+    default glibc hands each large tensor freshly mapped pages (always above 32 MiB, sometimes
+    below), so a call pays a page fault per 4 KiB it writes: on the 2-core VM this benchmark was
+    written on, eager 128x64x32x32 forward took ~21 ms with the faults and ~4.4 ms without,
+    and whether a call faulted depended on malloc's state, not on the provider. With freed
+    memory reused, every provider is timed like the copy (whose y is preallocated), as it would
+    run under jemalloc or tcmalloc. --system-malloc keeps glibc's defaults. Returns whether
+    malloc took the settings (False off glibc)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # One shape
 
@@ -354,7 +390,7 @@ def bench_shape(
     """Rows for every (mode, provider) of one shape, torch.compile's warm-ups and the copy
     bandwidth. The copy runs in the same interleaved rounds as the providers, one more
     workload in the rotation, so it sees the same machine state."""
-    n, c, h, w = shape
+    c = shape[1]
     spec = SESpec(c, max(1, c // REDUCTION), "relu" if args.residual else None)
     torch.manual_seed(0)
     state = ReferenceSE(c, spec.squeeze_channels, **spec.kwargs()).state_dict()
@@ -400,17 +436,19 @@ def bench_shape(
 # Report
 
 
-def machine_header(device: torch.device) -> List[str]:
+def machine_header(device: torch.device, malloc: str) -> List[str]:
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     except OSError:
         pass
     lines = [
         f"date:    {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"machine: {platform.node()}, {cpu}, torch threads {torch.get_num_threads()}",
         f"torch:   {torch.__version__}",
+        f"malloc:  {malloc}",
     ]
     if device.type == "cuda":
         lines.append(f"gpu:     {torch.cuda.get_device_name(device)}")
@@ -452,9 +490,11 @@ def report(rows: List[Row], compiles: List[CompileTime], copies: List[CopyBandwi
 
 
 def write_csv(path: str, rows: List[Row], args: argparse.Namespace, device: torch.device) -> None:
-    setting = {"device": str(device), "dtype": str(DTYPE).removeprefix("torch."),
-               "channels_last": args.channels_last, "residual": args.residual,
-               "threads": torch.get_num_threads()}
+    setting = {
+        "device": str(device), "dtype": str(DTYPE).removeprefix("torch."),
+        "channels_last": args.channels_last, "residual": args.residual,
+        "system_malloc": args.system_malloc, "threads": torch.get_num_threads(),
+    }
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(setting) + list(asdict(rows[0])))
         writer.writeheader()
@@ -487,6 +527,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help='add a residual input and out_activation="relu" to every provider')
     p.add_argument("--threads", type=int, help="torch.set_num_threads(N)")
     p.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda"')
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc malloc's defaults: large tensors get fresh, page-faulting "
+                        "memory on every call (see keep_freed_memory)")
     p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     return p.parse_args(argv)
 
@@ -499,8 +542,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or SHAPE_SETS[args.shape_set]
     modes = list(dict.fromkeys(args.modes))
+    if args.system_malloc:
+        malloc = "system defaults (--system-malloc)"
+    elif keep_freed_memory():
+        malloc = "glibc, freed memory kept for reuse (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB)"
+    else:
+        malloc = "system defaults (mallopt unavailable)"
 
-    print("\n".join(machine_header(device)))
+    print("\n".join(machine_header(device, malloc)))
     providers = ", ".join(provider_registry(device))
     print(f"setting: {device}, {str(DTYPE).removeprefix('torch.')}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, S = C // {REDUCTION}, "
@@ -521,8 +570,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.csv:
         write_csv(args.csv, rows, args, device)
         print(f"\nwrote {args.csv}")
-    print(f"\ntotal wall time {time.perf_counter() - start:.1f} s, of which torch.compile warm-up "
-          f"{sum(ct.seconds for ct in compiles):.1f} s")
+    print(f"\ntotal wall time {time.perf_counter() - start:.1f} s (after imports), of which "
+          f"torch.compile warm-up {sum(ct.seconds for ct in compiles):.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The registered ops: fake kernels and autograd for se_kernels::se_forward/se_backward
-(schemas in csrc/se.cpp), the memory-layout rule the kernels rely on, and backend choice.
+"""The registered ops: fake kernels for se_kernels::se_forward/se_backward (schemas in
+csrc/se.cpp, autograd in csrc/se_autograd.cpp), the memory-layout rule the kernels rely on,
+and backend choice.
 
 se_forward returns (y, pooled, hidden, gate_logits, relu_mask); the last four are what the
 backward needs besides x and the weights: three (N, C)/(N, S) float tensors and, with the
@@ -98,55 +99,10 @@ def backward_fake(
     )
 
 
-# ---------------------------------------------------------------------------------------
-# Autograd. Saved: x, the weights, the (N, C)/(N, S) vectors and the relu bit mask.
-
-
-def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, activation, gate, out_activation = inputs
-    _, pooled, hidden, gate_logits, relu_mask = output
-    ctx.mark_non_differentiable(pooled, hidden, gate_logits, relu_mask)
-    ctx.save_for_backward(x, w1, w2, pooled, hidden, gate_logits, relu_mask)
-    ctx.options = (activation, gate, out_activation)
-
-
-def make_backward(backward_op):
-    def backward(ctx, grad_y, *_aux_grads):
-        x, w1, w2, pooled, hidden, gate_logits, relu_mask = ctx.saved_tensors
-        activation, gate, out_activation = ctx.options
-        needs = ctx.needs_input_grad
-        grad_y = like_layout(grad_y, x)
-        grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual = backward_op(
-            grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
-            needs[0], needs[5],
-        )
-        if needs[5] and out_activation is None:
-            grad_residual = grad_y  # y = x * g + residual: the residual's gradient is grad_y
-        return (
-            grad_x if needs[0] else None,
-            grad_w1 if needs[1] else None,
-            grad_b1 if needs[2] else None,
-            grad_w2 if needs[3] else None,
-            grad_b2 if needs[4] else None,
-            grad_residual if needs[5] else None,
-            None,
-            None,
-            None,
-        )
-
-    return backward
-
-
-def register(forward_name: str, backward_name: str) -> None:
-    """Fake kernels and autograd for one forward/backward op pair with se_forward's schema."""
-    torch.library.register_fake(forward_name)(forward_fake)
-    torch.library.register_fake(backward_name)(backward_fake)
-    backward_op = getattr(torch.ops.se_kernels, backward_name.split("::")[1])
-    torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=_setup_context)
-
-
 if _EXT_ERROR is None:
-    register("se_kernels::se_forward", "se_kernels::se_backward")
+    # Autograd for se_forward is registered in C++ (csrc/se_autograd.cpp).
+    torch.library.register_fake("se_kernels::se_forward")(forward_fake)
+    torch.library.register_fake("se_kernels::se_backward")(backward_fake)
 
 
 # ---------------------------------------------------------------------------------------

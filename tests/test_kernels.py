@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import (
-    ACTIVATIONS, CPU_BACKENDS, GATES, GRAD_NAMES, NATIVE_CPU, Case, fresh_seed, make_inputs, max_err,
+    ACTIVATIONS, CPU_BACKENDS, FUSED_CPU_BACKENDS, GATES, GRAD_NAMES, NATIVE_CPU, Case, fresh_seed, make_inputs, max_err,
     reference64, rel_err, run,
 )
 from se_kernels import fused_se
@@ -56,7 +56,7 @@ def _check_float32(backend: str, case: Case, seed: int) -> None:
         assert rel_err(g, g_ref) < 1e-5, f"grad {name}: rel err {rel_err(g, g_ref):.3g} {where}"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape,squeeze", ODD_SHAPES)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
@@ -69,7 +69,7 @@ def test_float32_odd_shapes(backend, channels_last, shape, squeeze, epilogue):
     _check_float32(backend, case, fresh_seed())
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
@@ -130,7 +130,7 @@ def test_reduced_precision(backend, dtype, atol, channels_last, case_index):
         assert ours <= 2 * theirs + atol, f"{name}: error {ours:.3g} vs eager {theirs:.3g} ({dtype}, {case}, seed={seed})"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
 def test_non_contiguous_inputs(backend):
     seed = fresh_seed()
     case = Case((3, 20, 6, 5), 5, "silu", "sigmoid", True, True, "relu")
@@ -267,3 +267,22 @@ def test_saves_only_x_small_vectors_and_mask(out_activation):
     assert saved <= x_bytes + small + mask
     eager = _saved_bytes(lambda: se_reference(x, w1, None, w2, None, residual=r, out_activation=out_activation))
     assert saved < eager or out_activation is None
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_outputs(dtype, channels_last):
+    """Outputs of 8 MiB and more are written with streaming stores, and of 32 MiB and more get
+    huge-page advice: both paths against the float64 reference."""
+    shape = (8, 64, 128, 128) if dtype == torch.float32 else (8, 64, 96, 96)  # 32 MiB / 9 MiB
+    case = Case(shape, 8, "relu", "sigmoid", True, True, "relu", channels_last)
+    seed = fresh_seed()
+    inputs = make_inputs(case, dtype, seed)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    y, grads = run(fused_se, inputs, dy, case, backend="cpu")
+    y_ref, grads_ref = reference64(inputs, dy, case)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(y, y_ref) < tol
+    for k in GRAD_NAMES:
+        assert rel_err(grads[k], grads_ref[k]) < tol, k

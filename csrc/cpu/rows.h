@@ -181,8 +181,9 @@ inline void dot_columns(const T* dy, const T* x, const uint8_t* mask, int64_t ma
 
 // y = x * g (+ r), then relu, writing the row's relu mask. kPerLane: g[i] per element
 // (channels_last rows); otherwise g[0] scales the whole row (NCHW rows). kVecs > 0: the row
-// is exactly kVecs * 8 long (n is ignored), so short rows run fully unrolled.
-template <typename T, bool kPerLane, bool kResidual, bool kRelu, int kVecs = 0>
+// is exactly kVecs * 8 long (n is ignored), so short rows run fully unrolled. kStream: y is
+// written with streaming stores (the row must start 8-element aligned).
+template <typename T, bool kPerLane, bool kResidual, bool kRelu, int kVecs = 0, bool kStream = false>
 inline void scale_row(const T* x, const acc_t<T>* g, const T* r, T* y, uint8_t* mask, int64_t n) {
   using A = acc_t<T>;
   if constexpr (kVecs > 0) n = 8 * kVecs;
@@ -197,7 +198,10 @@ inline void scale_row(const T* x, const acc_t<T>* g, const T* r, T* y, uint8_t* 
         mask[i >> 3] = positive_bits(v);
         v = at::vec::maximum(v, zero);
       }
-      store8(y + i, v);
+      if constexpr (kStream)
+        stream8(y + i, v);
+      else
+        store8(y + i, v);
     }
   }
   if constexpr (kVecs == 0 || !kVectorized<T>) {
@@ -222,8 +226,8 @@ inline void scale_row(const T* x, const acc_t<T>* g, const T* r, T* y, uint8_t* 
 }
 
 // dy' = dy masked by the relu mask; grad_x = dy' * g + dp (if dx), grad_residual = dy'
-// (if dres). kPerLane and kVecs as in scale_row, for both g and dp.
-template <typename T, bool kPerLane, bool kMask, int kVecs = 0>
+// (if dres). kPerLane, kVecs and kStream as in scale_row (g and dp follow kPerLane).
+template <typename T, bool kPerLane, bool kMask, int kVecs = 0, bool kStream = false>
 inline void grad_row(const T* dy, const uint8_t* mask, const acc_t<T>* g, const acc_t<T>* dp, T* dx, T* dres,
                      int64_t n) {
   using A = acc_t<T>;
@@ -235,11 +239,19 @@ inline void grad_row(const T* dy, const uint8_t* mask, const acc_t<T>* g, const 
     for (; i + 8 <= n; i += 8) {
       Vec d = load8(dy + i);
       if constexpr (kMask) d = keep_lanes(d, mask[i >> 3]);
-      if (dres) store8(dres + i, d);
+      if (dres) {
+        if constexpr (kStream)
+          stream8(dres + i, d);
+        else
+          store8(dres + i, d);
+      }
       if (dx) {
         const Vec gv = kPerLane ? Vec::loadu(g + i) : g_row;
         const Vec dpv = kPerLane ? Vec::loadu(dp + i) : dp_row;
-        store8(dx + i, at::vec::fmadd(d, gv, dpv));
+        if constexpr (kStream)
+          stream8(dx + i, at::vec::fmadd(d, gv, dpv));
+        else
+          store8(dx + i, at::vec::fmadd(d, gv, dpv));
       }
     }
   }
@@ -254,15 +266,19 @@ inline void grad_row(const T* dy, const uint8_t* mask, const acc_t<T>* g, const 
 }
 
 // f(std::integral_constant<int, K>{}) with K = n / 8 for the short rows n in {8, 16, 32, 64}
-// that get unrolled loops, K = 0 otherwise.
-template <typename F>
+// that get unrolled loops, K = 0 otherwise (and always for the scalar types).
+template <typename T, typename F>
 inline void with_row_vecs(int64_t n, F&& f) {
-  switch (n) {
-    case 8: f(std::integral_constant<int, 1>{}); break;
-    case 16: f(std::integral_constant<int, 2>{}); break;
-    case 32: f(std::integral_constant<int, 4>{}); break;
-    case 64: f(std::integral_constant<int, 8>{}); break;
-    default: f(std::integral_constant<int, 0>{}); break;
+  if constexpr (!kVectorized<T>) {
+    f(std::integral_constant<int, 0>{});
+  } else {
+    switch (n) {
+      case 8: f(std::integral_constant<int, 1>{}); break;
+      case 16: f(std::integral_constant<int, 2>{}); break;
+      case 32: f(std::integral_constant<int, 4>{}); break;
+      case 64: f(std::integral_constant<int, 8>{}); break;
+      default: f(std::integral_constant<int, 0>{}); break;
+    }
   }
 }
 

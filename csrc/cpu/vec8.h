@@ -68,6 +68,30 @@ inline void store8(c10::Half* p, const Vec& v) {
 #endif
 }
 
+// store8 with a non-temporal (streaming) store where the ISA has one: the line goes to memory
+// without being read first (no read-for-ownership) and without filling the cache. p must be
+// aligned to 8 elements. Callers end a run of these with stream_fence().
+template <typename T>
+inline void stream8(T* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, __m256(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+  } else {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_fp16(__m256(v)));
+  }
+#else
+  store8(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Bit j set <=> lane j > 0 (NaN: clear). This is the relu mask: relu(v) > 0 <=> v > 0.
 inline uint8_t positive_bits(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX2)
