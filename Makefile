@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 # Compile the CUDA sources too wherever a CUDA toolkit is installed (they compile and link
-# without a GPU); `make FORCE_CUDA=0 ...` skips them.
+# without a GPU); on a machine without a GPU, `make FORCE_CUDA=0 ...` skips them.
 CUDA_HOME ?= /usr/local/cuda
 ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
 FORCE_CUDA ?= 1
@@ -22,8 +22,15 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-build: $(VENV)/.deps
+# Rebuild the extension only when its sources change (pip's editable build starts from
+# scratch every time); the Python package is installed in place.
+NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
 
 test: build
 	SE_KERNELS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
@@ -32,4 +39,4 @@ bench: build
 	$(PY) benchmarks/bench_se.py $(BENCH_ARGS)
 
 clean:
-	rm -rf build se_kernels/_C*.so *.egg-info
+	rm -rf build se_kernels/_C*.so *.egg-info $(VENV)/.built

@@ -47,6 +47,7 @@ import csv
 import ctypes
 import datetime
 import math
+import os
 import platform
 import statistics
 import sys
@@ -316,8 +317,10 @@ def keep_freed_memory() -> bool:
     written on, eager 128x64x32x32 forward took ~21 ms with the faults and ~4.4 ms without,
     and whether a call faulted depended on malloc's state, not on the provider. With freed
     memory reused, every provider is timed like the copy (whose y is preallocated), as it would
-    run under jemalloc or tcmalloc. --system-malloc keeps glibc's defaults. Returns whether
-    malloc took the settings (False off glibc)."""
+    run under jemalloc or tcmalloc (for a whole program, GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
+    glibc.malloc.trim_threshold=2147483647 does the same). --system-malloc keeps glibc's
+    defaults; an allocator in LD_PRELOAD is left alone. Returns whether malloc took the settings
+    (False off glibc)."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
@@ -542,8 +545,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or SHAPE_SETS[args.shape_set]
     modes = list(dict.fromkeys(args.modes))
-    if args.system_malloc:
-        malloc = "system defaults (--system-malloc)"
+    preloaded = [lib for lib in ("jemalloc", "tcmalloc") if lib in os.environ.get("LD_PRELOAD", "")]
+    if preloaded:
+        malloc = f"{preloaded[0]} (LD_PRELOAD)"
+    elif args.system_malloc:
+        malloc = "glibc defaults (--system-malloc)" + (
+            f", GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in os.environ else "")
     elif keep_freed_memory():
         malloc = "glibc, freed memory kept for reuse (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2GiB)"
     else:

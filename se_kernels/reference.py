@@ -64,11 +64,11 @@ def se_reference(
     return OUT_ACTIVATIONS[out_activation](y)
 
 
-class ReferenceSE(nn.Module):
-    """torchvision.ops.SqueezeExcitation with the epilogue: the eager baseline.
-
-    Same parameters and state_dict keys as torchvision's module and as FusedSE.
-    """
+class SEBase(nn.Module):
+    """What every SE module here shares: the parameters, held in 1x1 nn.Conv2d modules exactly
+    as torchvision.ops.SqueezeExcitation holds them (fc1.weight (S, C, 1, 1), fc1.bias (S),
+    fc2.weight (C, S, 1, 1), fc2.bias (C): its state_dict loads unchanged, and initialisation
+    matches), and the options. Subclasses define forward(x, residual=None)."""
 
     def __init__(
         self,
@@ -82,22 +82,50 @@ class ReferenceSE(nn.Module):
         out_activation: Optional[str] = None,
     ) -> None:
         super().__init__()
-        squeeze_channels = squeeze_channels or max(1, channels // reduction)
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be an int >= 1; got {channels!r}")
+        if squeeze_channels is None:
+            if not isinstance(reduction, int) or reduction < 1:
+                raise ValueError(f"reduction must be an int >= 1; got {reduction!r}")
+            squeeze_channels = max(1, channels // reduction)
+        if not isinstance(squeeze_channels, int) or squeeze_channels < 1:
+            raise ValueError(f"squeeze_channels must be an int >= 1; got {squeeze_channels!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {sorted(GATES)}; got {gate!r}")
+        if out_activation not in OUT_ACTIVATIONS:
+            raise ValueError(f"out_activation must be None or 'relu'; got {out_activation!r}")
         self.fc1 = nn.Conv2d(channels, squeeze_channels, 1, bias=bias)
         self.fc2 = nn.Conv2d(squeeze_channels, channels, 1, bias=bias)
         self.activation = activation
         self.gate = gate
         self.out_activation = out_activation
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return se_reference(
-            x,
-            self.fc1.weight,
-            self.fc1.bias,
-            self.fc2.weight,
-            self.fc2.bias,
-            activation=self.activation,
-            gate=self.gate,
-            residual=residual,
-            out_activation=self.out_activation,
+    @property
+    def channels(self) -> int:
+        return self.fc1.in_channels
+
+    @property
+    def squeeze_channels(self) -> int:
+        return self.fc1.out_channels
+
+    def se_arguments(self) -> tuple:
+        """(w1, b1, w2, b2) and the option keywords, for se_reference or fused_se."""
+        options = dict(activation=self.activation, gate=self.gate, out_activation=self.out_activation)
+        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias), options
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, squeeze_channels={self.squeeze_channels}, "
+            f"activation={self.activation!r}, gate={self.gate!r}, out_activation={self.out_activation!r}"
         )
+
+
+class ReferenceSE(SEBase):
+    """torchvision.ops.SqueezeExcitation with the epilogue: the eager baseline. Same
+    parameters and state_dict keys as torchvision's module and as FusedSE."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights, options = self.se_arguments()
+        return se_reference(x, *weights, residual=residual, **options)

@@ -17,12 +17,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -92,36 +89,6 @@ Plan make_plan(const Geometry& g, int64_t reread_bytes_per_element, int64_t acc_
   return {split, tile};
 }
 
-// Outputs as large as x. glibc's malloc serves blocks of 32 MiB and more with a fresh mmap
-// each time, so every such output costs one page fault per 4 KiB on first write (measured here:
-// a 32 MiB clone runs at a sixth of copy speed). Asking for transparent huge pages on the block
-// before it is written turns those into one fault per 2 MiB. SE_KERNELS_HUGEPAGES=0 turns
-// this off; it changes nothing where THP is disabled or memory comes from a caching allocator.
-constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
-
-bool huge_page_advice_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("SE_KERNELS_HUGEPAGES");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return enabled;
-}
-
-at::Tensor empty_output_like(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.numel() * out.element_size();
-  if (bytes >= kHugePageAdviceBytes && huge_page_advice_enabled()) {
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
-  }
-#endif
-  return out;
-}
-
 // Outputs of at least this many bytes (y, grad_x, grad_residual) are written with streaming
 // stores: no read-for-ownership, so a pass that reads one tensor and writes another moves 2
 // bytes per element pair instead of 3 (measured here: 20-35% faster passes). 8 MiB is above a
@@ -183,6 +150,77 @@ WeightsHolder<A> prepare_weights(const at::Tensor& w1, const std::optional<at::T
 }
 
 // ---------------------------------------------------------------------------------------
+// The plan both passes follow: per-(n, c) sums over the pixels (the pool; the gate gradient),
+// the MLP on tiles of samples, then a pass over the rows writing the outputs. The passes
+// supply the stages:
+//   rows(b, e)         the sums of NCHW rows [b, e) of the flattened (N * C) rows, final values
+//   chunk(n, k, part)  part (C) = the sums over pixel chunk k of sample n (channels_last)
+//   mlp(n0, n1)        the MLP for samples [n0, n1)
+//   write(n, r0, r1)   the output rows [r0, r1) of sample n
+// mean: the channels_last sums are divided by H*W. stream: write() used streaming stores.
+
+// The sums of sample n: NCHW rows directly, channels_last as fixed pixel chunks added in order.
+template <typename A, typename Rows, typename Chunk>
+void sample_sums(const Geometry& g, int64_t n, A* sums, bool mean, A* part, const Rows& rows, const Chunk& chunk) {
+  if (!g.pixel_rows) {
+    rows(n * g.C, (n + 1) * g.C);
+    return;
+  }
+  A* acc = sums + n * g.C;
+  std::fill(acc, acc + g.C, A(0));
+  for (int64_t k = 0; k * kPixelChunk < g.L; ++k) {
+    chunk(n, k, part);
+    add_into(acc, part, g.C);
+  }
+  if (mean) divide(acc, g.C, g.L);
+}
+
+template <typename A, typename Rows, typename Chunk, typename Mlp, typename Write>
+void run_plan(const Geometry& g, const Plan& plan, A* sums, bool mean, bool stream, bool write_pass,
+              const Rows& rows, const Chunk& chunk, const Mlp& mlp, const Write& write) {
+  if (!plan.split) {
+    const int64_t tiles = (g.N + plan.tile - 1) / plan.tile;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<A> part(g.pixel_rows ? g.C : 0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * plan.tile, n1 = std::min(g.N, n0 + plan.tile);
+        for (int64_t n = n0; n < n1; ++n) sample_sums(g, n, sums, mean, part.data(), rows, chunk);
+        mlp(n0, n1);
+        if (write_pass)
+          for (int64_t n = n0; n < n1; ++n) write(n, 0, g.rows);
+      }
+      if (stream) stream_fence();
+    });
+    return;
+  }
+  // Split: each phase spreads the samples' rows (or pixel chunks) over the threads.
+  if (!g.pixel_rows) {
+    at::parallel_for(0, g.N * g.C, grain_rows(g.L), [&](int64_t b, int64_t e) { rows(b, e); });
+  } else {
+    const int64_t chunks = (g.L + kPixelChunk - 1) / kPixelChunk;
+    std::vector<A> partials(g.N * chunks * g.C);
+    at::parallel_for(0, g.N * chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) chunk(i / chunks, i % chunks, partials.data() + i * g.C);
+    });
+    at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        A* acc = sums + n * g.C;
+        std::fill(acc, acc + g.C, A(0));
+        for (int64_t k = 0; k < chunks; ++k) add_into(acc, partials.data() + (n * chunks + k) * g.C, g.C);
+        if (mean) divide(acc, g.C, g.L);
+      }
+    });
+  }
+  at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) { mlp(b, e); });
+  if (write_pass) {
+    at::parallel_for(0, g.N * g.rows, grain_rows(g.row_len), [&](int64_t b, int64_t e) {
+      for_sample_rows(b, e, g.rows, [&](int64_t n, int64_t r0, int64_t r1) { write(n, r0, r1); });
+      if (stream) stream_fence();
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Forward
 
 template <typename T>
@@ -234,65 +272,6 @@ void scale_rows(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   });
 }
 
-template <typename T>
-void forward_per_sample(const ForwardArgs<T>& a, int64_t tile) {
-  using A = acc_t<T>;
-  const Geometry& g = a.g;
-  const int64_t tiles = (g.N + tile - 1) / tile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> part(g.pixel_rows ? g.C : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * tile, n1 = std::min(g.N, n0 + tile);
-      for (int64_t n = n0; n < n1; ++n) {
-        if (!g.pixel_rows) {
-          pool_nchw_rows(a, n * g.C, (n + 1) * g.C);
-        } else {
-          A* acc = a.P + n * g.C;
-          std::fill(acc, acc + g.C, A(0));
-          for (int64_t k = 0; k * kPixelChunk < g.L; ++k) {
-            pool_pixel_chunk(a, n, k, part.data());
-            add_into(acc, part.data(), g.C);
-          }
-          divide(acc, g.C, g.L);
-        }
-      }
-      mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C, a.G + n0 * g.C);
-      for (int64_t n = n0; n < n1; ++n) scale_rows(a, n, 0, g.rows);
-    }
-    if (a.stream) stream_fence();
-  });
-}
-
-template <typename T>
-void forward_split(const ForwardArgs<T>& a) {
-  using A = acc_t<T>;
-  const Geometry& g = a.g;
-  if (!g.pixel_rows) {
-    at::parallel_for(0, g.N * g.C, grain_rows(g.L), [&](int64_t b, int64_t e) { pool_nchw_rows(a, b, e); });
-  } else {
-    const int64_t chunks = (g.L + kPixelChunk - 1) / kPixelChunk;
-    std::vector<A> partials(g.N * chunks * g.C);
-    at::parallel_for(0, g.N * chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) pool_pixel_chunk(a, i / chunks, i % chunks, partials.data() + i * g.C);
-    });
-    at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        A* acc = a.P + n * g.C;
-        std::fill(acc, acc + g.C, A(0));
-        for (int64_t k = 0; k < chunks; ++k) add_into(acc, partials.data() + (n * chunks + k) * g.C, g.C);
-        divide(acc, g.C, g.L);
-      }
-    });
-  }
-  at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
-    mlp_forward(a.w, e - b, a.P + b * g.C, a.U1 + b * g.S, a.Z + b * g.S, a.U2 + b * g.C, a.G + b * g.C);
-  });
-  at::parallel_for(0, g.N * g.rows, grain_rows(g.row_len), [&](int64_t b, int64_t e) {
-    for_sample_rows(b, e, g.rows, [&](int64_t n, int64_t r0, int64_t r1) { scale_rows(a, n, r0, r1); });
-    if (a.stream) stream_fence();
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forward_cpu(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
     const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& residual, c10::string_view activation,
@@ -304,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
   TORCH_CHECK(x.device().is_cpu(), "se_kernels: the cpu kernels take CPU tensors; x is on ", x.device());
 
   const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
-  at::Tensor y = empty_output_like(x);
+  at::Tensor y = at::empty_like(x);
   at::Tensor pooled = at::empty({g.N, g.C}, acc_opts);
   at::Tensor hidden = at::empty({g.N, g.S}, acc_opts);
   at::Tensor gate_logits = at::empty({g.N, g.C}, acc_opts);
@@ -328,11 +307,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
                             gate_logits.mutable_data_ptr<A>(),
                             gates.mutable_data_ptr<A>(),
                             use_streaming_stores<scalar_t>(y, g)};
-    const Plan plan = make_plan(g, sizeof(scalar_t), sizeof(A));
-    if (plan.split)
-      forward_split(a);
-    else
-      forward_per_sample(a, plan.tile);
+    run_plan(
+        g, make_plan(g, sizeof(scalar_t), sizeof(A)), a.P, /*mean=*/true, a.stream, /*write_pass=*/true,
+        [&](int64_t b, int64_t e) { pool_nchw_rows(a, b, e); },
+        [&](int64_t n, int64_t k, A* part) { pool_pixel_chunk(a, n, k, part); },
+        [&](int64_t n0, int64_t n1) {
+          mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C,
+                      a.G + n0 * g.C);
+        },
+        [&](int64_t n, int64_t r0, int64_t r1) { scale_rows(a, n, r0, r1); });
   });
   return {y, pooled, hidden, gate_logits, relu_mask};
 }
@@ -407,65 +390,6 @@ void mlp_backward_range(const BackwardArgs<T>& a, int64_t n0, int64_t n1) {
                a.Z + n0 * g.S, a.DZ2 + n0 * g.C, a.DZ1 + n0 * g.S, a.DP + n0 * g.C);
 }
 
-template <typename T>
-void backward_per_sample(const BackwardArgs<T>& a, int64_t tile) {
-  using A = acc_t<T>;
-  const Geometry& g = a.g;
-  const bool second_pass = a.dx || a.dres;
-  const int64_t tiles = (g.N + tile - 1) / tile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> part(g.pixel_rows ? g.C : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * tile, n1 = std::min(g.N, n0 + tile);
-      for (int64_t n = n0; n < n1; ++n) {
-        if (!g.pixel_rows) {
-          gate_grad_nchw_rows(a, n * g.C, (n + 1) * g.C);
-        } else {
-          A* acc = a.DG + n * g.C;
-          std::fill(acc, acc + g.C, A(0));
-          for (int64_t k = 0; k * kPixelChunk < g.L; ++k) {
-            gate_grad_pixel_chunk(a, n, k, part.data());
-            add_into(acc, part.data(), g.C);
-          }
-        }
-      }
-      mlp_backward_range(a, n0, n1);
-      if (second_pass)
-        for (int64_t n = n0; n < n1; ++n) grad_rows(a, n, 0, g.rows);
-    }
-    if (a.stream) stream_fence();
-  });
-}
-
-template <typename T>
-void backward_split(const BackwardArgs<T>& a) {
-  using A = acc_t<T>;
-  const Geometry& g = a.g;
-  if (!g.pixel_rows) {
-    at::parallel_for(0, g.N * g.C, grain_rows(g.L), [&](int64_t b, int64_t e) { gate_grad_nchw_rows(a, b, e); });
-  } else {
-    const int64_t chunks = (g.L + kPixelChunk - 1) / kPixelChunk;
-    std::vector<A> partials(g.N * chunks * g.C);
-    at::parallel_for(0, g.N * chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) gate_grad_pixel_chunk(a, i / chunks, i % chunks, partials.data() + i * g.C);
-    });
-    at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) {
-        A* acc = a.DG + n * g.C;
-        std::fill(acc, acc + g.C, A(0));
-        for (int64_t k = 0; k < chunks; ++k) add_into(acc, partials.data() + (n * chunks + k) * g.C, g.C);
-      }
-    });
-  }
-  at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) { mlp_backward_range(a, b, e); });
-  if (a.dx || a.dres) {
-    at::parallel_for(0, g.N * g.rows, grain_rows(g.row_len), [&](int64_t b, int64_t e) {
-      for_sample_rows(b, e, g.rows, [&](int64_t n, int64_t r0, int64_t r1) { grad_rows(a, n, r0, r1); });
-      if (a.stream) stream_fence();
-    });
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& gate_logits, const at::Tensor& relu_mask,
@@ -479,8 +403,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   need_grad_residual = need_grad_residual && out_relu;
 
   const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
-  at::Tensor grad_x = need_grad_x ? empty_output_like(x) : at::empty({0}, x.options());
-  at::Tensor grad_residual = need_grad_residual ? empty_output_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_x = need_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_residual = need_grad_residual ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dz2 = at::empty({g.N, g.C}, acc_opts);
   at::Tensor dz1 = at::empty({g.N, g.S}, acc_opts);
   at::Tensor z = at::empty({g.N, g.S}, acc_opts);
@@ -509,11 +433,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                dp.mutable_data_ptr<A>(),
                                use_streaming_stores<scalar_t>(need_grad_x ? grad_x : grad_residual, g) &&
                                    (!need_grad_residual || use_streaming_stores<scalar_t>(grad_residual, g))};
-      const Plan plan = make_plan(g, 2 * sizeof(scalar_t), sizeof(A));
-      if (plan.split)
-        backward_split(a);
-      else
-        backward_per_sample(a, plan.tile);
+      run_plan(
+          g, make_plan(g, 2 * sizeof(scalar_t), sizeof(A)), a.DG, /*mean=*/false, a.stream,
+          /*write_pass=*/a.dx || a.dres, [&](int64_t b, int64_t e) { gate_grad_nchw_rows(a, b, e); },
+          [&](int64_t n, int64_t k, A* part) { gate_grad_pixel_chunk(a, n, k, part); },
+          [&](int64_t n0, int64_t n1) { mlp_backward_range(a, n0, n1); },
+          [&](int64_t n, int64_t r0, int64_t r1) { grad_rows(a, n, r0, r1); });
     });
   }
   // dW2^T (S, C) = z^T dz2, dW1 (S, C) = dz1^T pooled, db2 = column sums of dz2, db1 = column
