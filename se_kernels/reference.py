@@ -68,7 +68,14 @@ class SEBase(nn.Module):
     """What every SE module here shares: the parameters, held in 1x1 nn.Conv2d modules exactly
     as torchvision.ops.SqueezeExcitation holds them (fc1.weight (S, C, 1, 1), fc1.bias (S),
     fc2.weight (C, S, 1, 1), fc2.bias (C): its state_dict loads unchanged, and initialisation
-    matches), and the options. Subclasses define forward(x, residual=None)."""
+    matches), and the options. Subclasses define forward(x, residual=None).
+
+    A module converted from another SE flavour (FusedSE.from_module) keeps that flavour's
+    layers at their own paths instead (e.g. conv_reduce/conv_expand, or fc.0/fc.2 Linears), so
+    its state_dict keys stay the original's; reduce_layer/expand_layer find them."""
+
+    _reduce_path = "fc1"
+    _expand_path = "fc2"
 
     def __init__(
         self,
@@ -103,17 +110,28 @@ class SEBase(nn.Module):
         self.out_activation = out_activation
 
     @property
+    def reduce_layer(self) -> nn.Module:
+        """The C -> S layer (fc1 unless converted from another flavour)."""
+        return self.get_submodule(self._reduce_path)
+
+    @property
+    def expand_layer(self) -> nn.Module:
+        """The S -> C layer (fc2 unless converted from another flavour)."""
+        return self.get_submodule(self._expand_path)
+
+    @property
     def channels(self) -> int:
-        return self.fc1.in_channels
+        return self.reduce_layer.weight.shape[1]
 
     @property
     def squeeze_channels(self) -> int:
-        return self.fc1.out_channels
+        return self.reduce_layer.weight.shape[0]
 
     def se_arguments(self) -> tuple:
         """(w1, b1, w2, b2) and the option keywords, for se_reference or fused_se."""
+        reduce, expand = self.reduce_layer, self.expand_layer
         options = dict(activation=self.activation, gate=self.gate, out_activation=self.out_activation)
-        return (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias), options
+        return (reduce.weight, reduce.bias, expand.weight, expand.bias), options
 
     def extra_repr(self) -> str:
         return (
