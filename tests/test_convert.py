@@ -260,6 +260,20 @@ def test_autocast_bfloat16():
     assert rel_err(y_fused, y32) <= 2 * rel_err(y_eager, y32) + 1e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_gpu(dtype):
+    original = build("tv_efficientnet_b0").eval().cuda()
+    converted = convert_se_modules(copy.deepcopy(original))
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        y32 = original(x)
+        with torch.autocast("cuda", dtype=dtype):
+            y_eager, y_fused = original(x), converted(x)
+    assert y_fused.dtype == dtype
+    assert rel_err(y_fused, y32) <= 2 * rel_err(y_eager, y32) + 1e-3
+
+
 def test_pickle_deepcopy_and_torchscript():
     model = convert_se_modules(build("timm_mobilenetv3_small_100")).eval()
     x = torch.randn(2, 3, 64, 64)
