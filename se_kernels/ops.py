@@ -108,6 +108,19 @@ if _EXT_ERROR is None:
 # ---------------------------------------------------------------------------------------
 # Backends
 
+# "auto" takes the first available backend in this order (the Triton interpreter on CPU tensors
+# is for tests: last).
+PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch", "triton")}
+
+try:
+    import triton  # noqa: F401
+
+    from .triton import op as _triton_op  # noqa: F401  (registers torch.ops.se_kernels.triton_se_*)
+
+    _TRITON_ERROR: Optional[BaseException] = None
+except Exception as exc:  # noqa: BLE001 - Triton missing or unusable: the backend says why
+    _TRITON_ERROR = exc
+
 
 def _has_native_kernel(dispatch_key: str) -> bool:
     return _EXT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
@@ -143,17 +156,27 @@ def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
             )
         return None
     if backend == "triton":
-        return "the Triton kernels are not part of this version of se_kernels yet"
+        if _TRITON_ERROR is not None:
+            return f"Triton is not usable ({_TRITON_ERROR}); install the triton package that matches your torch"
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            f"the 'triton' backend takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
+            f"for testing), and x is on {device_type}"
+        )
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
 
 
 def available_backends(device="cpu") -> List[str]:
     """Backends that can run tensors on `device`, fastest first ("auto" takes the first)."""
     device_type = torch.device(device).type
-    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+    order = PREFERENCE.get(device_type, BACKENDS)
+    return [b for b in order if unavailable_reason(b, device_type) is None]
 
 
-_warned_fallback = False
+_warned_fallback = set()
 
 
 @torch.compiler.assume_constant_result
@@ -161,7 +184,6 @@ def resolve_backend(backend: str, device_type: str) -> str:
     """The backend that runs a call: `backend` itself, or for "auto" the SE_KERNELS_BACKEND
     environment variable if set, else the fastest available. A backend named explicitly (by
     argument or variable) that cannot run raises RuntimeError saying why."""
-    global _warned_fallback
     if backend == "auto":
         backend = os.environ.get("SE_KERNELS_BACKEND", "auto") or "auto"
         if backend not in BACKENDS + ("auto",):
@@ -174,29 +196,36 @@ def resolve_backend(backend: str, device_type: str) -> str:
             raise RuntimeError(f"se_kernels backend {backend!r} is not available: {reason}")
         return backend
     chosen = available_backends(device_type)[0]
-    if chosen == "torch" and _EXT_ERROR is not None and not _warned_fallback:
-        _warned_fallback = True
+    if chosen == "torch" and device_type in PREFERENCE and device_type not in _warned_fallback:
+        _warned_fallback.add(device_type)
+        reasons = "; ".join(
+            f"{b}: {unavailable_reason(b, device_type)}" for b in PREFERENCE[device_type] if b != "torch"
+        )
         warnings.warn(
-            f"se_kernels: the native extension did not load ({_EXT_ERROR}); backend 'auto' falls "
-            f"back to the unfused 'torch' backend. To get the fused kernels, {_BUILD_HINT}.",
+            f"se_kernels: no fused backend can run {device_type} tensors ({reasons}); backend 'auto' "
+            f"falls back to the unfused 'torch' backend.",
             RuntimeWarning,
             stacklevel=3,
         )
     return chosen
 
 
-def native_forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation):
-    """y from the C++/CUDA kernels (the dispatcher picks the device's kernel)."""
-    x = as_kernel_layout(x)
-    if residual is not None:
-        residual = like_layout(residual, x)
-    return torch.ops.se_kernels.se_forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation)[0]
+_FORWARD_OPS = {
+    "cpu": lambda: torch.ops.se_kernels.se_forward,
+    "cuda": lambda: torch.ops.se_kernels.se_forward,
+    "triton": lambda: torch.ops.se_kernels.triton_se_forward,
+}
 
 
 def run_backend(backend, x, w1, b1, w2, b2, residual, activation, gate, out_activation):
+    """y from `backend`: the reference, or a fused op on the kernel layout."""
     if backend == "torch":
         return reference.se_reference(
             x, w1, b1, w2, b2, activation=activation, gate=gate, residual=residual,
             out_activation=out_activation,
         )
-    return native_forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation)
+    x = as_kernel_layout(x)
+    if residual is not None:
+        residual = like_layout(residual, x)
+    op = _FORWARD_OPS[backend]()
+    return op(x, w1, b1, w2, b2, residual, activation, gate, out_activation)[0]

@@ -81,10 +81,10 @@ def test_direct_op_calls_check_their_inputs():
 
 
 def test_available_backends():
-    cpu = available_backends("cpu")
+    cpu = [b for b in available_backends("cpu") if b != "triton"]  # triton: only under TRITON_INTERPRET=1
     assert cpu[-1] == "torch"
     assert ("cpu" in cpu) == (ops.extension_error() is None)
-    assert available_backends(torch.device("cpu")) == cpu
+    assert [b for b in available_backends(torch.device("cpu")) if b != "triton"] == cpu
     assert "torch" in available_backends("cuda")
 
 
@@ -95,8 +95,8 @@ def test_named_backend_for_other_device_raises():
 
 def test_environment_variable_overrides_auto(monkeypatch):
     calls = []
-    real = ops.native_forward
-    monkeypatch.setattr(ops, "native_forward", lambda *a: calls.append(1) or real(*a))
+    real = ops._FORWARD_OPS["cpu"]
+    monkeypatch.setitem(ops._FORWARD_OPS, "cpu", lambda: calls.append(1) or real())
     monkeypatch.setenv("SE_KERNELS_BACKEND", "torch")
     _call()
     assert calls == []
@@ -153,6 +153,7 @@ def test_without_extension_auto_falls_back_with_one_warning():
     )
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("SE_KERNELS_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "fallback ok" in done.stdout

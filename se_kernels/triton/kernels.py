@@ -1,0 +1,438 @@
+"""Triton kernels of the fused SE op (forward and backward) and their building blocks.
+
+x is read as (N, C, L = H*W) through strides (s_n, s_c, s_l), so NCHW (s_l = 1) and
+channels_last (s_c = 1) run the same kernels; y, residual, grad_y, grad_x and grad_residual
+have x's strides. The weights are contiguous: w1 (S, C), w2 (C, S). Float32 accumulation
+(float64 for float64 inputs: the ACC constexpr).
+
+Two plans (chosen in launch.py):
+  * fused: one program per sample holds its whole (C, L) slice in registers: pool, MLP, scale
+    (backward: gate gradient, MLP backward, grad_x) in one launch, x read once.
+  * split: per-(sample, channel block, pixel split) partial sums, a per-sample excite kernel,
+    then a per-tile elementwise kernel; the reduction over pixels is spread over programs so a
+    few large samples still fill the GPU.
+The weight gradients are one more kernel that sums the batch in order: deterministic, no atomics.
+
+The relu epilogue's mask is one bit per element, bit i of a row at byte i // 8 (rows: the H*W
+pixels of a channel for NCHW, the C channels of a pixel for channels_last; each row starts on a
+byte): the same layout as the CPU kernels (csrc/se.cpp).
+"""
+
+import triton
+import triton.language as tl
+
+# ---- element-wise functions (NaN-propagating like PyTorch's) ------------------------------
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def _activation(u, ACT: tl.constexpr):
+    """ACT: 0 relu, 1 silu, 2 gelu (erf), 3 hardswish."""
+    if ACT == 0:
+        return tl.where(u < 0, 0.0, u)
+    elif ACT == 1:
+        return u / (1.0 + tl.exp(-u))
+    elif ACT == 2:
+        return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    else:
+        return u * _clamp(u + 3.0, 0.0, 6.0) / 6.0
+
+
+@triton.jit
+def _activation_grad(u, ACT: tl.constexpr):
+    """d act / du, as PyTorch's backward formulas (relu'(0) = 0, hardswish' = u/3 + 1/2 on [-3, 3])."""
+    if ACT == 0:
+        return tl.where(u > 0, 1.0, 0.0)
+    elif ACT == 1:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        return s * (1.0 + u * (1.0 - s))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+    else:
+        return tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u / 3.0 + 0.5, 1.0))
+
+
+@triton.jit
+def _gate(u, GATE: tl.constexpr):
+    """GATE: 0 sigmoid, 1 hardsigmoid."""
+    if GATE == 0:
+        return 1.0 / (1.0 + tl.exp(-u))
+    else:
+        return _clamp(u + 3.0, 0.0, 6.0) / 6.0
+
+
+@triton.jit
+def _gate_grad(u, g, GATE: tl.constexpr):
+    """d gate / du given g = gate(u) (hardsigmoid' = 1/6 on the open interval (-3, 3))."""
+    if GATE == 0:
+        return g * (1.0 - g)
+    else:
+        return tl.where((u > -3.0) & (u < 3.0), 1.0 / 6.0, 0.0)
+
+
+# ---- the relu mask -------------------------------------------------------------------------
+
+
+@triton.jit
+def _mask_offsets(n, c, l, C, L, row_bytes, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, PIXEL_ROWS: tl.constexpr):
+    """Byte offsets of the tile's bits: [BLOCK_C, BLOCK_L // 8] (NCHW rows, bits along l) or
+    [BLOCK_C // 8, BLOCK_L] (channels_last rows, bits along c). c and l start 8-aligned."""
+    if PIXEL_ROWS:
+        byte = tl.max(tl.reshape(c, (BLOCK_C // 8, 8)), axis=1) // 8
+        return (n * L + l[None, :]) * row_bytes + byte[:, None]
+    else:
+        byte = tl.max(tl.reshape(l, (BLOCK_L // 8, 8)), axis=1) // 8
+        return (n * C + c[:, None]) * row_bytes + byte[None, :]
+
+
+@triton.jit
+def _byte_valid(c, l, C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, PIXEL_ROWS: tl.constexpr):
+    """Which bytes of the tile exist (their row exists and they start inside it)."""
+    if PIXEL_ROWS:
+        first = tl.min(tl.reshape(c, (BLOCK_C // 8, 8)), axis=1)
+        return (first[:, None] < C) & (l[None, :] < L)
+    else:
+        first = tl.min(tl.reshape(l, (BLOCK_L // 8, 8)), axis=1)
+        return (c[:, None] < C) & (first[None, :] < L)
+
+
+@triton.jit
+def _store_mask(mask_ptr, positive, n, c, l, C, L, row_bytes,
+                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, PIXEL_ROWS: tl.constexpr):
+    """Packs the [BLOCK_C, BLOCK_L] booleans `positive` into bits and stores them."""
+    bits = positive.to(tl.int32)
+    if PIXEL_ROWS:
+        weights = (1 << tl.arange(0, 8))[None, :, None]
+        packed = tl.sum(tl.reshape(bits, (BLOCK_C // 8, 8, BLOCK_L)) * weights, axis=1)
+    else:
+        weights = (1 << tl.arange(0, 8))[None, None, :]
+        packed = tl.sum(tl.reshape(bits, (BLOCK_C, BLOCK_L // 8, 8)) * weights, axis=2)
+    offsets = _mask_offsets(n, c, l, C, L, row_bytes, BLOCK_C, BLOCK_L, PIXEL_ROWS)
+    valid = _byte_valid(c, l, C, L, BLOCK_C, BLOCK_L, PIXEL_ROWS)
+    tl.store(mask_ptr + offsets, packed.to(tl.uint8), mask=valid)
+
+
+@triton.jit
+def _load_mask(mask_ptr, n, c, l, C, L, row_bytes,
+               BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, PIXEL_ROWS: tl.constexpr):
+    """The [BLOCK_C, BLOCK_L] booleans stored by _store_mask (False outside the tensor)."""
+    offsets = _mask_offsets(n, c, l, C, L, row_bytes, BLOCK_C, BLOCK_L, PIXEL_ROWS)
+    valid = _byte_valid(c, l, C, L, BLOCK_C, BLOCK_L, PIXEL_ROWS)
+    packed = tl.load(mask_ptr + offsets, mask=valid, other=0).to(tl.int32)
+    if PIXEL_ROWS:
+        bits = (packed[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+        return tl.reshape(bits, (BLOCK_C, BLOCK_L)) != 0
+    else:
+        bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        return tl.reshape(bits, (BLOCK_C, BLOCK_L)) != 0
+
+
+# ---- the excitation MLP for one sample -----------------------------------------------------
+
+
+@triton.jit
+def _excite(p, n, c, c_ok, w1_ptr, b1_ptr, w2_ptr, hidden_ptr, C, S,
+            ACT: tl.constexpr, HAS_B1: tl.constexpr, ACC: tl.constexpr,
+            BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """u2 = W2 act(W1 p + b1) (without b2) for one sample, p: [BLOCK_C] (all of C); stores
+    hidden[n] = W1 p + b1. S goes in chunks of BLOCK_S: u1 of a chunk, then its share of u2."""
+    u2 = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        u1 = tl.sum(w1 * p[None, :], axis=1)
+        if HAS_B1:
+            u1 += tl.load(b1_ptr + s, mask=s_ok, other=0.0).to(ACC)
+        tl.store(hidden_ptr + n * S + s, u1, mask=s_ok)
+        z = tl.where(s_ok, _activation(u1, ACT), 0.0)
+        w2 = tl.load(w2_ptr + c[:, None] * S + s[None, :], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
+        u2 += tl.sum(w2 * z[None, :], axis=1)
+    return u2
+
+
+@triton.jit
+def _excite_backward(dz2, n, c, c_ok, w1_ptr, w2_ptr, hidden_ptr, dz1_ptr, C, S,
+                     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Given dz2 = dL/du2 ([BLOCK_C]): stores dz1[n] = (W2^T dz2) * act'(u1) and returns
+    W1^T dz1 ([BLOCK_C], not yet divided by H*W)."""
+    dp = tl.zeros([BLOCK_C], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        w2 = tl.load(w2_ptr + c[:, None] * S + s[None, :], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
+        u1 = tl.load(hidden_ptr + n * S + s, mask=s_ok, other=0.0)
+        dz1 = tl.sum(w2 * dz2[:, None], axis=0) * _activation_grad(u1, ACT)
+        dz1 = tl.where(s_ok, dz1, 0.0)
+        tl.store(dz1_ptr + n * S + s, dz1, mask=s_ok)
+        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        dp += tl.sum(w1 * dz1[:, None], axis=0)
+    return dp
+
+
+# ---- shared tile steps ---------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_tile(x, g, offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
+                HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = out_act(x * g + residual) for one tile; x: [BLOCK_C, BLOCK_L] in ACC, g: [BLOCK_C]."""
+    out = x * g[:, None]
+    if HAS_RES:
+        out += tl.load(res_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    if OUT_RELU:
+        _store_mask(mask_ptr, out > 0, n, c, l, C, L, row_bytes, BLOCK_C, BLOCK_L, PIXEL_ROWS)
+        out = tl.where(out < 0, 0.0, out)  # keeps NaN, as torch.relu does
+    tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes,
+                 OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """dy' = dy where the relu let the output through (else 0), as a tile in ACC."""
+    dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    if OUT_RELU:
+        dy = tl.where(_load_mask(mask_ptr, n, c, l, C, L, row_bytes, BLOCK_C, BLOCK_L, PIXEL_ROWS), dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr):
+    """grad_x = dy' * g + dp, grad_residual = dy' for one tile (g, dp: [BLOCK_C])."""
+    if NEED_DRES:
+        tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside)
+    if NEED_DX:
+        tl.store(dx_ptr + offsets, (dy * g[:, None] + dp[:, None]).to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+# ---- the kernels ---------------------------------------------------------------------------
+
+
+@triton.jit
+def se_forward_fused_kernel(
+    x_ptr,  # (N, C, L) through (s_n, s_c, s_l)
+    res_ptr,  # like x (unused unless HAS_RES)
+    y_ptr,  # like x
+    mask_ptr,  # uint8 relu mask (unused unless OUT_RELU)
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # (S, C), (S), (C, S), (C)
+    pooled_ptr, hidden_ptr, logits_ptr,  # (N, C), (N, S), (N, C) in ACC
+    C, S, L, s_n, s_c, s_l, row_bytes,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per sample; BLOCK_C >= C and BLOCK_L >= L: x is read once."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    l = tl.arange(0, BLOCK_L)
+    c_ok = c < C
+    inside = c_ok[:, None] & (l < L)[None, :]
+    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    p = tl.sum(x, axis=1) / L
+    tl.store(pooled_ptr + n * C + c, p, mask=c_ok)
+    u2 = _excite(p, n, c, c_ok, w1_ptr, b1_ptr, w2_ptr, hidden_ptr, C, S, ACT, HAS_B1, ACC, BLOCK_C, BLOCK_S)
+    if HAS_B2:
+        u2 += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    tl.store(logits_ptr + n * C + c, u2, mask=c_ok)
+    _scale_tile(x, _gate(u2, GATE), offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
+                HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def channel_sums_kernel(
+    x_ptr,  # (N, C, L) through (s_n, s_c, s_l)
+    dy_ptr,  # like x (read when DOT)
+    mask_ptr,  # relu mask (read when DOT and OUT_RELU)
+    partial_ptr,  # (N, SPLITS, C) in ACC
+    C, L, s_n, s_c, s_l, row_bytes, pixels_per_split, SPLITS,
+    DOT: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """partial[n, split, c] = sum over the split's pixels of x (DOT: of dy' * x). Grid
+    (N, C blocks, SPLITS); pixels_per_split is a multiple of BLOCK_L."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
+    c_ok = c < C
+    first = split * pixels_per_split
+    last = tl.minimum(first + pixels_per_split, L)
+    acc = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    for l0 in range(first, last, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)
+        inside = c_ok[:, None] & (l < last)[None, :]
+        offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
+        if DOT:
+            x *= _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS,
+                              ACC, BLOCK_C, BLOCK_L)
+        acc += x
+    tl.store(partial_ptr + (n * SPLITS + split) * C + c, tl.sum(acc, axis=1), mask=c_ok)
+
+
+@triton.jit
+def se_excite_kernel(
+    partial_ptr,  # (N, SPLITS, C) pixel sums of x
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    pooled_ptr, hidden_ptr, logits_ptr, gates_ptr,  # (N, C), (N, S), (N, C), (N, C) in ACC
+    C, S, L, SPLITS,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per sample (BLOCK_C >= C): pooled, hidden, gate logits and gates."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    p = tl.zeros([BLOCK_C], ACC)
+    for split in range(0, SPLITS):
+        p += tl.load(partial_ptr + (n * SPLITS + split) * C + c, mask=c_ok, other=0.0)
+    p = p / L
+    tl.store(pooled_ptr + n * C + c, p, mask=c_ok)
+    u2 = _excite(p, n, c, c_ok, w1_ptr, b1_ptr, w2_ptr, hidden_ptr, C, S, ACT, HAS_B1, ACC, BLOCK_C, BLOCK_S)
+    if HAS_B2:
+        u2 += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    tl.store(logits_ptr + n * C + c, u2, mask=c_ok)
+    tl.store(gates_ptr + n * C + c, _gate(u2, GATE), mask=c_ok)
+
+
+@triton.jit
+def se_scale_kernel(
+    x_ptr, res_ptr, y_ptr, mask_ptr,  # as in se_forward_fused_kernel
+    gates_ptr,  # (N, C) in ACC
+    C, L, s_n, s_c, s_l, row_bytes,
+    HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """y = out_act(x * g + residual), grid (N, C blocks, L blocks)."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c_ok = c < C
+    inside = c_ok[:, None] & (l < L)[None, :]
+    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
+    _scale_tile(x, g, offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
+                HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def se_backward_fused_kernel(
+    dy_ptr, x_ptr, mask_ptr,  # grad_y and x (N, C, L) through (s_n, s_c, s_l); relu mask
+    dx_ptr, dres_ptr,  # like x (written when NEED_DX / NEED_DRES)
+    w1_ptr, w2_ptr,  # (S, C), (C, S)
+    hidden_ptr, logits_ptr,  # saved (N, S), (N, C)
+    dz1_ptr, dz2_ptr,  # (N, S), (N, C) in ACC, for the weight gradients
+    C, S, L, s_n, s_c, s_l, row_bytes,
+    ACT: tl.constexpr, GATE: tl.constexpr, OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per sample: dg = sum dy' x, the MLP backward, grad_x; dy and x read once."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    l = tl.arange(0, BLOCK_L)
+    c_ok = c < C
+    inside = c_ok[:, None] & (l < L)[None, :]
+    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
+                      BLOCK_C, BLOCK_L)
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    dg = tl.sum(dy * x, axis=1)
+    u2 = tl.load(logits_ptr + n * C + c, mask=c_ok, other=0.0)
+    g = _gate(u2, GATE)
+    dz2 = tl.where(c_ok, dg * _gate_grad(u2, g, GATE), 0.0)
+    tl.store(dz2_ptr + n * C + c, dz2, mask=c_ok)
+    dp = _excite_backward(dz2, n, c, c_ok, w1_ptr, w2_ptr, hidden_ptr, dz1_ptr, C, S, ACT, ACC, BLOCK_C, BLOCK_S)
+    _grad_tile(dy, g, dp / L, offsets, inside, dx_ptr, dres_ptr, NEED_DX, NEED_DRES)
+
+
+@triton.jit
+def se_excite_backward_kernel(
+    partial_ptr,  # (N, SPLITS, C) pixel sums of dy' * x
+    w1_ptr, w2_ptr, hidden_ptr, logits_ptr,
+    dz1_ptr, dz2_ptr, gates_ptr, dp_ptr,  # (N, S), (N, C), (N, C), (N, C) in ACC
+    C, S, L, SPLITS,
+    ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per sample (BLOCK_C >= C): dz2, dz1, the gates and dp = (W1^T dz1) / L."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dg = tl.zeros([BLOCK_C], ACC)
+    for split in range(0, SPLITS):
+        dg += tl.load(partial_ptr + (n * SPLITS + split) * C + c, mask=c_ok, other=0.0)
+    u2 = tl.load(logits_ptr + n * C + c, mask=c_ok, other=0.0)
+    g = _gate(u2, GATE)
+    dz2 = tl.where(c_ok, dg * _gate_grad(u2, g, GATE), 0.0)
+    tl.store(dz2_ptr + n * C + c, dz2, mask=c_ok)
+    tl.store(gates_ptr + n * C + c, g, mask=c_ok)
+    dp = _excite_backward(dz2, n, c, c_ok, w1_ptr, w2_ptr, hidden_ptr, dz1_ptr, C, S, ACT, ACC, BLOCK_C, BLOCK_S)
+    tl.store(dp_ptr + n * C + c, dp / L, mask=c_ok)
+
+
+@triton.jit
+def se_grad_input_kernel(
+    dy_ptr, mask_ptr, dx_ptr, dres_ptr,  # as in se_backward_fused_kernel
+    gates_ptr, dp_ptr,  # (N, C) in ACC
+    C, L, s_n, s_c, s_l, row_bytes,
+    OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """grad_x = dy' * g + dp and grad_residual = dy', grid (N, C blocks, L blocks)."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c_ok = c < C
+    inside = c_ok[:, None] & (l < L)[None, :]
+    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
+                      BLOCK_C, BLOCK_L)
+    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
+    dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0)
+    _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX, NEED_DRES)
+
+
+@triton.jit
+def se_weight_grads_kernel(
+    dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr,  # (N, S), (N, C), (N, S), (N, C) in ACC
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,  # (S, C), (S), (C, S), (C) in the weights' dtype
+    N, C, S,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dW2 = dz2^T act(hidden), dW1 = dz1^T pooled, db2 = sum dz2, db1 = sum dz1 for one
+    (C block, S block), adding the samples in order: deterministic. Grid (C blocks, S blocks)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    c_ok = c < C
+    s_ok = s < S
+    dw2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    dw1 = tl.zeros([BLOCK_S, BLOCK_C], ACC)
+    db2 = tl.zeros([BLOCK_C], ACC)
+    db1 = tl.zeros([BLOCK_S], ACC)
+    for n in range(0, N):
+        dz2 = tl.load(dz2_ptr + n * C + c, mask=c_ok, other=0.0)
+        dz1 = tl.load(dz1_ptr + n * S + s, mask=s_ok, other=0.0)
+        z = tl.where(s_ok, _activation(tl.load(hidden_ptr + n * S + s, mask=s_ok, other=0.0), ACT), 0.0)
+        p = tl.load(pooled_ptr + n * C + c, mask=c_ok, other=0.0)
+        dw2 += dz2[:, None] * z[None, :]
+        dw1 += dz1[:, None] * p[None, :]
+        db2 += dz2
+        db1 += dz1
+    tl.store(dw2_ptr + c[:, None] * S + s[None, :], dw2.to(dw2_ptr.dtype.element_ty),
+             mask=c_ok[:, None] & s_ok[None, :])
+    tl.store(dw1_ptr + s[:, None] * C + c[None, :], dw1.to(dw1_ptr.dtype.element_ty),
+             mask=s_ok[:, None] & c_ok[None, :])
+    if pid_s == 0:
+        tl.store(db2_ptr + c, db2.to(db2_ptr.dtype.element_ty), mask=c_ok)
+    if pid_c == 0:
+        tl.store(db1_ptr + s, db1.to(db1_ptr.dtype.element_ty), mask=s_ok)

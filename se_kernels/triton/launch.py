@@ -1,0 +1,189 @@
+"""Launch plans for the Triton kernels: which plan (fused or split), tile sizes, grids.
+
+The inputs come in the kernel layout (se_kernels.ops.as_kernel_layout / like_layout): x,
+residual and grad_y NCHW- or channels_last-contiguous with equal strides.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import ops
+from . import kernels
+
+ACTIVATION_CODES = {"relu": 0, "silu": 1, "gelu": 2, "hardswish": 3}
+GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
+
+# Largest (C, H*W) slice (padded to powers of two) one program holds in registers: the fused
+# plans read x (forward) or dy and x (backward) once. Larger slices take the split plan.
+FUSED_FORWARD_ELEMENTS = 16384
+FUSED_BACKWARD_ELEMENTS = 8192
+TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kernels
+MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the per-sample MLP
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+class Geometry:
+    """Sizes, strides and block shapes of one call."""
+
+    def __init__(self, x: torch.Tensor, squeeze: int, out_relu: bool):
+        n, c, h, w = x.shape
+        self.N, self.C, self.S, self.L = n, c, squeeze, h * w
+        self.pixel_rows = ops.uses_pixel_rows(x)
+        # (N, C, L) strides; with H*W merged, the pixel stride is W's
+        self.strides = (x.stride(0), x.stride(1), x.stride(3))
+        row_len = self.C if self.pixel_rows else self.L
+        self.row_bytes = (row_len + 7) // 8
+        self.out_relu = out_relu
+        self.acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+        # the mask packs 8 bits along the row axis: that axis' block is at least 8
+        self.min_c = 8 if (out_relu and self.pixel_rows) else 1
+        self.min_l = 8 if (out_relu and not self.pixel_rows) else 1
+        self.block_c_all = max(_pow2(self.C), self.min_c)
+        self.block_l_all = max(_pow2(self.L), self.min_l)
+        self.block_s = max(1, min(_pow2(self.S), MLP_TILE_ELEMENTS // self.block_c_all))
+
+    def fused(self, limit: int) -> bool:
+        return self.block_c_all * self.block_l_all <= limit
+
+    def tile(self):
+        """(BLOCK_C, BLOCK_L) of the split plan: the contiguous axis innermost and long."""
+        if self.pixel_rows:
+            block_c = max(min(_pow2(self.C), 128), self.min_c)
+            block_l = max(TILE_ELEMENTS // block_c, self.min_l)
+        else:
+            block_l = max(min(_pow2(self.L), 128), self.min_l)
+            block_c = max(TILE_ELEMENTS // block_l, self.min_c)
+        return min(block_c, max(_pow2(self.C), self.min_c)), min(block_l, max(_pow2(self.L), self.min_l))
+
+    def splits(self, block_c: int, block_l: int, device: torch.device):
+        """How many programs share each (sample, channel block)'s pixels, and the pixels each
+        takes (a multiple of block_l): enough programs to fill the GPU."""
+        l_blocks = triton.cdiv(self.L, block_l)
+        if device.type == "cuda":
+            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            target = 1
+        programs = self.N * triton.cdiv(self.C, block_c)
+        splits = max(1, min(l_blocks, triton.cdiv(target, max(programs, 1))))
+        per_split = triton.cdiv(l_blocks, splits) * block_l
+        return triton.cdiv(self.L, per_split), per_split
+
+
+def _warps(elements: int) -> int:
+    return 8 if elements >= 8192 else 4
+
+
+def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activation: Optional[str]):
+    """(y, pooled, hidden, gate_logits, relu_mask): se_kernels::se_forward's contract."""
+    out_relu = out_activation == "relu"
+    y, pooled, hidden, logits, mask = ops.forward_fake(x, w1, b1, w2, b2, residual, activation, gate,
+                                                       out_activation)
+    g = Geometry(x, w1.shape[0], out_relu)
+    if g.N == 0:
+        return y, pooled, hidden, logits, mask
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    flags = dict(
+        HAS_RES=residual is not None, OUT_RELU=out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc,
+    )
+    mlp = dict(ACT=ACTIVATION_CODES[activation], GATE=GATE_CODES[gate], HAS_B1=b1 is not None,
+               HAS_B2=b2 is not None)
+    res = residual if residual is not None else x
+    mask_arg = mask if out_relu else y
+    b1_arg = b1 if b1 is not None else w1
+    b2_arg = b2 if b2 is not None else w2
+    if g.fused(FUSED_FORWARD_ELEMENTS):
+        kernels.se_forward_fused_kernel[(g.N,)](
+            x, res, y, mask_arg, w1, b1_arg, w2, b2_arg, pooled, hidden, logits,
+            g.C, g.S, g.L, *g.strides, g.row_bytes,
+            **mlp, **flags, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all, BLOCK_S=g.block_s,
+            num_warps=_warps(g.block_c_all * g.block_l_all),
+        )
+        return y, pooled, hidden, logits, mask
+    block_c, block_l = g.tile()
+    splits, per_split = g.splits(block_c, block_l, x.device)
+    partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=pooled.dtype)
+    c_blocks = triton.cdiv(g.C, block_c)
+    kernels.channel_sums_kernel[(g.N, c_blocks, splits)](
+        x, x, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, per_split, splits,
+        DOT=False, OUT_RELU=False, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l,
+        num_warps=_warps(block_c * block_l),
+    )
+    gates = torch.empty_like(pooled)
+    kernels.se_excite_kernel[(g.N,)](
+        partial, w1, b1_arg, w2, b2_arg, pooled, hidden, logits, gates, g.C, g.S, g.L, splits,
+        **mlp, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s, num_warps=_warps(MLP_TILE_ELEMENTS),
+    )
+    kernels.se_scale_kernel[(g.N, c_blocks, triton.cdiv(g.L, block_l))](
+        x, res, y, mask_arg, gates, g.C, g.L, *g.strides, g.row_bytes,
+        **flags, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
+    )
+    return y, pooled, hidden, logits, mask
+
+
+def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation: str, gate: str,
+             out_activation: Optional[str], need_grad_x: bool, need_grad_residual: bool):
+    """(grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual): se_backward's contract."""
+    out_relu = out_activation == "relu"
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual = ops.backward_fake(
+        grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
+        need_grad_x, need_grad_residual,
+    )
+    g = Geometry(x, w1.shape[0], out_relu)
+    if g.N == 0:
+        for t in (grad_w1, grad_b1, grad_w2, grad_b2):
+            t.zero_()
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual
+    w1, w2 = w1.contiguous(), w2.contiguous()
+    need_dres = need_grad_residual and out_relu
+    dz1 = torch.empty_like(hidden)
+    dz2 = torch.empty_like(pooled)
+    mask_arg = relu_mask if out_relu else grad_y
+    dx_arg = grad_x if need_grad_x else grad_y
+    dres_arg = grad_residual if need_dres else grad_y
+    act = ACTIVATION_CODES[activation]
+    if g.fused(FUSED_BACKWARD_ELEMENTS):
+        kernels.se_backward_fused_kernel[(g.N,)](
+            grad_y, x, mask_arg, dx_arg, dres_arg, w1, w2, hidden, gate_logits, dz1, dz2,
+            g.C, g.S, g.L, *g.strides, g.row_bytes,
+            ACT=act, GATE=GATE_CODES[gate], OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres,
+            PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all, BLOCK_S=g.block_s,
+            num_warps=_warps(2 * g.block_c_all * g.block_l_all),
+        )
+    else:
+        block_c, block_l = g.tile()
+        splits, per_split = g.splits(block_c, block_l, x.device)
+        partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=pooled.dtype)
+        c_blocks = triton.cdiv(g.C, block_c)
+        kernels.channel_sums_kernel[(g.N, c_blocks, splits)](
+            x, grad_y, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, per_split, splits,
+            DOT=True, OUT_RELU=out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l,
+            num_warps=_warps(block_c * block_l),
+        )
+        gates = torch.empty_like(pooled)
+        dp = torch.empty_like(pooled)
+        kernels.se_excite_backward_kernel[(g.N,)](
+            partial, w1, w2, hidden, gate_logits, dz1, dz2, gates, dp, g.C, g.S, g.L, splits,
+            ACT=act, GATE=GATE_CODES[gate], ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s,
+            num_warps=_warps(MLP_TILE_ELEMENTS),
+        )
+        if need_grad_x or need_dres:
+            kernels.se_grad_input_kernel[(g.N, c_blocks, triton.cdiv(g.L, block_l))](
+                grad_y, mask_arg, dx_arg, dres_arg, gates, dp, g.C, g.L, *g.strides, g.row_bytes,
+                OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres, PIXEL_ROWS=g.pixel_rows,
+                ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
+            )
+    block_c = min(_pow2(g.C), 64)
+    block_s = min(_pow2(g.S), 64)
+    kernels.se_weight_grads_kernel[(triton.cdiv(g.C, block_c), triton.cdiv(g.S, block_s))](
+        dz1, dz2, hidden, pooled, grad_w1, grad_b1, grad_w2, grad_b2, g.N, g.C, g.S,
+        ACT=act, ACC=g.acc, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+    )
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual

@@ -1,0 +1,66 @@
+"""The Triton backend as torch.library custom ops, se_kernels::triton_se_forward and
+se_kernels::triton_se_backward, with se_forward/se_backward's signatures and contracts
+(csrc/se.cpp; a test checks the schemas agree), the shared fake kernels, and autograd.
+
+Custom ops are opaque to torch.compile (fullgraph works, no graph break) and capturable in CUDA
+graphs (no host synchronisation; outputs come from the caching allocator).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from . import launch
+
+
+@torch.library.custom_op("se_kernels::triton_se_forward", mutates_args=())
+def triton_se_forward(
+    x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], residual: Optional[Tensor],
+    activation: str, gate: str, out_activation: Optional[str],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch.forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation)
+
+
+@torch.library.custom_op("se_kernels::triton_se_backward", mutates_args=())
+def triton_se_backward(
+    grad_y: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pooled: Tensor, hidden: Tensor, gate_logits: Tensor,
+    relu_mask: Tensor, activation: str, gate: str, out_activation: Optional[str], need_grad_x: bool,
+    need_grad_residual: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch.backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate,
+                           out_activation, need_grad_x, need_grad_residual)
+
+
+triton_se_forward.register_fake(ops.forward_fake)
+triton_se_backward.register_fake(ops.backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, activation, gate, out_activation = inputs
+    _, pooled, hidden, gate_logits, relu_mask = output
+    ctx.mark_non_differentiable(pooled, hidden, gate_logits, relu_mask)
+    ctx.save_for_backward(x, w1, w2, pooled, hidden, gate_logits, relu_mask)
+    ctx.options = (activation, gate, out_activation)
+
+
+def _backward(ctx, grad_y, *_unused_aux_grads):
+    """The same formula as csrc/se_autograd.cpp."""
+    x, w1, w2, pooled, hidden, gate_logits, relu_mask = ctx.saved_tensors
+    activation, gate, out_activation = ctx.options
+    need = ctx.needs_input_grad
+    grad_y = ops.like_layout(grad_y, x)
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual = triton_se_backward(
+        grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
+        need[0], need[5],
+    )
+    if need[5] and out_activation is None:
+        grad_residual = grad_y  # y = x * g + residual
+    grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual)
+    return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
+
+
+triton_se_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,219 @@
+"""The Triton backend against the float64 reference: on a GPU when there is one, else in
+Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py), on small shapes.
+Both launch plans (fused: one program per sample; split: partial sums + excite + elementwise)
+are exercised for every option, dtype and layout, plus odd sizes, NaN propagation, poisoned
+allocations, determinism, opcheck and torch.compile; CUDA-graph capture needs a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import (
+    ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, max_err, reference64, rel_err, run,
+)
+from se_kernels import available_backends, fused_se, ops
+from se_kernels.reference import se_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.skipif("triton" not in available_backends(DEVICE),
+                       reason=f"triton backend: {ops.unavailable_reason('triton', DEVICE)}"),
+    pytest.mark.usefixtures("poisoned_allocations"),
+]
+
+EPILOGUES = [(False, None), (True, None), (True, "relu"), (False, "relu")]
+
+
+@pytest.fixture(params=["fused", "split"])
+def plan(request, monkeypatch):
+    """Forces the launch plan: "split" disables the one-program-per-sample kernels."""
+    if request.param == "split":
+        from se_kernels.triton import launch
+
+        monkeypatch.setattr(launch, "FUSED_FORWARD_ELEMENTS", 0)
+        monkeypatch.setattr(launch, "FUSED_BACKWARD_ELEMENTS", 0)
+    return request.param
+
+
+def to_device(inputs):
+    return {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
+
+
+def check(case: Case, dtype: torch.dtype, seed: int) -> None:
+    inputs = to_device(make_inputs(case, dtype, seed))
+    dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    y, grads = run(fused_se, inputs, dy, case, backend="triton")
+    y_ref, grads_ref = reference64({k: (v.cpu() if v is not None else None) for k, v in inputs.items()}, dy.cpu(),
+                                   case)
+    where = f"{case} {dtype} seed={seed}"
+    assert y.dtype == dtype and y.shape == case.shape and y.device.type == DEVICE, where
+    pairs = [("y", y, y_ref)] + [(k, grads[k], grads_ref[k]) for k in GRAD_NAMES if inputs[k] is not None]
+    if dtype in (torch.float32, torch.float64):
+        for name, out, ref in pairs:
+            assert not torch.isnan(out).any(), f"NaN in {name} (unwritten?): {where}"
+            assert rel_err(out.cpu(), ref) < 1e-5, f"{name}: rel err {rel_err(out.cpu(), ref):.3g} {where}"
+        return
+    y_eager, grads_eager = run(se_reference, inputs, dy, case)
+    eager = {"y": y_eager, **grads_eager}
+    atol = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    for name, out, ref in pairs:
+        scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+        ours, theirs = max_err(out.cpu(), ref) / scale, max_err(eager[name].cpu(), ref) / scale
+        assert ours <= 2 * theirs + atol, f"{name}: {ours:.3g} vs eager {theirs:.3g} {where}"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_options(plan, activation, gate, channels_last):
+    i = ACTIVATIONS.index(activation) + 4 * GATES.index(gate)
+    residual, out_activation = EPILOGUES[i % 4]
+    case = Case((3, 24, 5, 7), 6, activation, gate, i % 3 != 0, residual, out_activation, channels_last)
+    check(case, torch.float32, fresh_seed())
+
+
+ODD = [
+    ((2, 1, 3, 3), 1),     # C = 1, S = 1
+    ((2, 3, 1, 13), 2),    # C = 3, prime H*W
+    ((3, 16, 1, 1), 4),    # H*W = 1
+    ((0, 8, 3, 3), 2),     # N = 0
+    ((2, 37, 2, 3), 7),    # non-power-of-two C, H*W < 8
+    ((2, 5, 19, 17), 3),   # 323 pixels: several tiles and splits
+]
+
+
+@pytest.mark.parametrize("shape,squeeze", ODD)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
+def test_odd_sizes(plan, shape, squeeze, channels_last, epilogue):
+    case = Case(shape, squeeze, "silu", "sigmoid", True, epilogue[0], epilogue[1], channels_last)
+    check(case, torch.float32, fresh_seed())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reduced_precision(plan, dtype, channels_last):
+    case = Case((2, 40, 6, 6), 10, "gelu", "hardsigmoid", True, True, "relu", channels_last)
+    check(case, dtype, fresh_seed())
+
+
+def test_float64(plan):
+    check(Case((2, 12, 4, 5), 3, "hardswish", "sigmoid", True, True, "relu", True), torch.float64, fresh_seed())
+
+
+@pytest.mark.parametrize("fast_mode", [False, True])
+def test_gradcheck(fast_mode):
+    """Full gradcheck on a tiny fused case; the fast (random-projection) mode on a split one."""
+    shape = (2, 4, 2, 3) if not fast_mode else (2, 9, 11, 13)
+    case = Case(shape, 2, "silu", "sigmoid", True, True, "relu", channels_last=fast_mode)
+    seed = fresh_seed()
+    inputs = to_device(make_inputs(case, torch.float64, seed))
+    names = list(GRAD_NAMES)
+    args = tuple(inputs[k].clone().requires_grad_() for k in names)
+
+    def fn(x, w1, b1, w2, b2, residual):
+        return fused_se(x, w1, b1, w2, b2, residual=residual, backend="triton", **case.options())
+
+    assert torch.autograd.gradcheck(fn, args, fast_mode=fast_mode, atol=1e-6, rtol=1e-4), f"seed={seed}"
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_nan_propagates_like_reference(gate):
+    case = Case((2, 16, 4, 4), 4, "relu", gate, out_activation="relu")
+    inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    inputs["x"][1, 2, 1, 1] = float("nan")
+    y = fused_se(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], gate=gate,
+                 out_activation="relu", backend="triton")
+    y_ref = se_reference(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], gate=gate,
+                         out_activation="relu")
+    assert torch.isnan(y_ref[1]).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+
+
+def test_deterministic_and_plans_agree(monkeypatch):
+    case = Case((4, 24, 6, 6), 6, "gelu", "sigmoid", True, True, "relu")
+    inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    dy = torch.randn(case.shape, device=DEVICE)
+    y1, g1 = run(fused_se, inputs, dy, case, backend="triton")
+    y2, g2 = run(fused_se, inputs, dy, case, backend="triton")
+    assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in GRAD_NAMES)
+    from se_kernels.triton import launch
+
+    monkeypatch.setattr(launch, "FUSED_FORWARD_ELEMENTS", 0)
+    monkeypatch.setattr(launch, "FUSED_BACKWARD_ELEMENTS", 0)
+    y3, g3 = run(fused_se, inputs, dy, case, backend="triton")
+    assert rel_err(y3, y1) < 1e-6 and all(rel_err(g3[k], g1[k]) < 1e-6 for k in GRAD_NAMES)
+
+
+@pytest.mark.skipif(ops.extension_error() is not None, reason="needs se_kernels._C for se_forward's schema")
+def test_schemas_match_the_native_ops():
+    """The Triton ops are declared in Python; their schemas must stay se_forward/se_backward's."""
+    for native, triton_op in [("se_forward", "triton_se_forward"), ("se_backward", "triton_se_backward")]:
+        a = getattr(torch.ops.se_kernels, native).default._schema
+        b = getattr(torch.ops.se_kernels, triton_op).default._schema
+        assert [(x.name, str(x.type)) for x in a.arguments] == [(x.name, str(x.type)) for x in b.arguments]
+        assert [str(x.type) for x in a.returns] == [str(x.type) for x in b.returns]
+
+
+@pytest.mark.parametrize("out_activation", [None, "relu"])
+def test_opcheck(out_activation):
+    case = Case((2, 8, 3, 3), 2, "silu", "hardsigmoid", True, True, out_activation)
+    t = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    args = (t["x"], t["w1"], t["b1"], t["w2"], t["b2"], t["residual"], "silu", "hardsigmoid", out_activation)
+    torch.library.opcheck(torch.ops.se_kernels.triton_se_forward.default, args)
+    grad_args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.se_kernels.triton_se_forward.default, grad_args)
+    y, pooled, hidden, logits, mask = torch.ops.se_kernels.triton_se_forward(*args)
+    bargs = (torch.randn_like(y), t["x"], t["w1"], t["w2"], pooled, hidden, logits, mask, "silu", "hardsigmoid",
+             out_activation, True, True)
+    torch.library.opcheck(torch.ops.se_kernels.triton_se_backward.default, bargs)
+
+
+def test_compile_fullgraph():
+    from se_kernels import FusedSE
+
+    torch._dynamo.reset()
+    m = FusedSE(16, 4, out_activation="relu", backend="triton").to(DEVICE)
+    x = torch.randn(2, 16, 5, 5, device=DEVICE, requires_grad=True)
+    r = torch.randn(2, 16, 5, 5, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(lambda x, r: m(x, r).square().sum(), fullgraph=True)
+    loss = compiled(x, r)
+    loss.backward()
+    gx = x.grad.clone()
+    x.grad = None
+    expected = m(x, r).square().sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("plan_elements", [None, 0])
+def test_cuda_graph_capture_and_replay(monkeypatch, plan_elements):
+    from se_kernels import FusedSE
+    from se_kernels.triton import launch
+
+    if plan_elements is not None:
+        monkeypatch.setattr(launch, "FUSED_FORWARD_ELEMENTS", plan_elements)
+        monkeypatch.setattr(launch, "FUSED_BACKWARD_ELEMENTS", plan_elements)
+    m = FusedSE(64, 4, out_activation="relu", backend="triton").cuda()
+    x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
+    r = torch.randn(8, 64, 14, 14, device="cuda")
+    dy = torch.randn(8, 64, 14, 14, device="cuda")
+    for _ in range(3):  # warm up (compiles the kernels) on a side stream, as CUDA graphs require
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            m(x, r).backward(dy)
+        torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        y = m(x, r)
+        y.backward(dy)
+    x.data.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = se_reference(x.detach(), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, residual=r,
+                            out_activation="relu")
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
