@@ -2,7 +2,8 @@
 Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py), on small shapes.
 Both launch plans (fused: one program per sample; split: partial sums + excite + elementwise)
 are exercised for every option, dtype and layout, plus odd sizes, NaN propagation, poisoned
-allocations, determinism, opcheck and torch.compile; CUDA-graph capture needs a GPU."""
+allocations, determinism, opcheck and torch.compile; CUDA-graph capture needs a GPU.
+tests/test_cuda.py runs the same checks (check(), capture_and_replay()) on the CUDA backend."""
 
 from __future__ import annotations
 
@@ -40,13 +41,14 @@ def to_device(inputs):
     return {k: (v.to(DEVICE) if v is not None else None) for k, v in inputs.items()}
 
 
-def check(case: Case, dtype: torch.dtype, seed: int) -> None:
+def check(case: Case, dtype: torch.dtype, seed: int, backend: str = "triton") -> None:
+    """Output and every gradient of `backend` against the float64 reference."""
     inputs = to_device(make_inputs(case, dtype, seed))
     dy = torch.randn(case.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
-    y, grads = run(fused_se, inputs, dy, case, backend="triton")
+    y, grads = run(fused_se, inputs, dy, case, backend=backend)
     y_ref, grads_ref = reference64({k: (v.cpu() if v is not None else None) for k, v in inputs.items()}, dy.cpu(),
                                    case)
-    where = f"{case} {dtype} seed={seed}"
+    where = f"{backend} {case} {dtype} seed={seed}"
     assert y.dtype == dtype and y.shape == case.shape and y.device.type == DEVICE, where
     pairs = [("y", y, y_ref)] + [(k, grads[k], grads_ref[k]) for k in GRAD_NAMES if inputs[k] is not None]
     if dtype in (torch.float32, torch.float64):
@@ -188,24 +190,21 @@ def test_compile_fullgraph():
     torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("plan_elements", [None, 0])
-def test_cuda_graph_capture_and_replay(monkeypatch, plan_elements):
+def capture_and_replay(backend: str) -> None:
+    """Forward and backward captured in a CUDA graph, replayed on new data: the output must
+    be the reference's for the new data."""
     from se_kernels import FusedSE
-    from se_kernels.triton import launch
 
-    if plan_elements is not None:
-        monkeypatch.setattr(launch, "FUSED_FORWARD_ELEMENTS", plan_elements)
-        monkeypatch.setattr(launch, "FUSED_BACKWARD_ELEMENTS", plan_elements)
-    m = FusedSE(64, 4, out_activation="relu", backend="triton").cuda()
+    m = FusedSE(64, 4, out_activation="relu", backend=backend).cuda()
     x = torch.randn(8, 64, 14, 14, device="cuda", requires_grad=True)
     r = torch.randn(8, 64, 14, 14, device="cuda")
     dy = torch.randn(8, 64, 14, 14, device="cuda")
-    for _ in range(3):  # warm up (compiles the kernels) on a side stream, as CUDA graphs require
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles the kernels) on a side stream, as CUDA graphs require
+        for _ in range(3):
             m(x, r).backward(dy)
-        torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     x.grad = None
     with torch.cuda.graph(graph):
@@ -217,3 +216,8 @@ def test_cuda_graph_capture_and_replay(monkeypatch, plan_elements):
     expected = se_reference(x.detach(), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, residual=r,
                             out_activation="relu")
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_replay(plan):
+    capture_and_replay("triton")

@@ -1,0 +1,89 @@
+"""The CUDA C++ backend (csrc/cuda) on a GPU: the same checks as the Triton backend's
+(tests/test_triton.py) against the float64 reference, odd sizes, every option, dtype and
+layout, determinism, CUDA graphs. Skipped without a GPU or without CUDA kernels in
+se_kernels._C; CI compiles csrc/cuda on every run, so a compile error fails it there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run
+from se_kernels import available_backends, fused_se, ops
+from test_triton import EPILOGUES, ODD, capture_and_replay, check, to_device
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in available_backends("cuda"),
+                       reason=f"cuda backend: {ops.unavailable_reason('cuda', 'cuda')}"),
+    pytest.mark.usefixtures("poisoned_allocations"),
+]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_options(activation, gate, channels_last):
+    i = ACTIVATIONS.index(activation) + 4 * GATES.index(gate)
+    residual, out_activation = EPILOGUES[i % 4]
+    case = Case((3, 24, 5, 7), 6, activation, gate, i % 3 != 0, residual, out_activation, channels_last)
+    check(case, torch.float32, fresh_seed(), backend="cuda")
+
+
+@pytest.mark.parametrize("shape,squeeze", ODD + [((2, 256, 56, 56), 16), ((64, 512, 4, 4), 32)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
+def test_odd_and_real_sizes(shape, squeeze, channels_last, epilogue):
+    case = Case(shape, squeeze, "silu", "sigmoid", True, epilogue[0], epilogue[1], channels_last)
+    check(case, torch.float32, fresh_seed(), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes(dtype, channels_last):
+    case = Case((4, 40, 9, 9), 10, "gelu", "hardsigmoid", True, True, "relu", channels_last)
+    check(case, dtype, fresh_seed(), backend="cuda")
+
+
+def test_gradcheck():
+    case = Case((2, 6, 3, 4), 2, "silu", "sigmoid", True, True, "relu")
+    inputs = to_device(make_inputs(case, torch.float64, fresh_seed()))
+    args = tuple(inputs[k].clone().requires_grad_() for k in GRAD_NAMES)
+
+    def fn(x, w1, b1, w2, b2, residual):
+        return fused_se(x, w1, b1, w2, b2, residual=residual, backend="cuda", **case.options())
+
+    assert torch.autograd.gradcheck(fn, args, atol=1e-6, rtol=1e-4)
+
+
+def test_deterministic():
+    case = Case((16, 128, 14, 14), 8, "relu", "sigmoid", True, True, "relu")
+    inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    dy = torch.randn(case.shape, device="cuda")
+    y1, g1 = run(fused_se, inputs, dy, case, backend="cuda")
+    y2, g2 = run(fused_se, inputs, dy, case, backend="cuda")
+    assert torch.equal(y1, y2) and all(torch.equal(g1[k], g2[k]) for k in GRAD_NAMES)
+
+
+def test_environment_variable_forces_cuda(monkeypatch):
+    monkeypatch.setenv("SE_KERNELS_BACKEND", "cuda")
+    calls = []
+    real = ops._FORWARD_OPS["cuda"]
+    monkeypatch.setitem(ops._FORWARD_OPS, "cuda", lambda: calls.append(1) or real())
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    y = fused_se(x, torch.randn(2, 8, device="cuda"), None, torch.randn(8, 2, device="cuda"), None)
+    assert calls == [1] and y.shape == x.shape
+
+
+def test_cuda_graph_capture_and_replay():
+    capture_and_replay("cuda")
+
+
+def test_agrees_with_triton():
+    if "triton" not in available_backends("cuda"):
+        pytest.skip("no triton")
+    case = Case((8, 96, 10, 10), 6, "hardswish", "sigmoid", True, True, "relu", True)
+    inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    dy = torch.randn(case.shape, device="cuda")
+    y1, g1 = run(fused_se, inputs, dy, case, backend="cuda")
+    y2, g2 = run(fused_se, inputs, dy, case, backend="triton")
+    assert rel_err(y1, y2) < 1e-5 and all(rel_err(g1[k], g2[k]) < 1e-5 for k in GRAD_NAMES)
