@@ -123,5 +123,83 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / denom
 
 
+# float32 unit roundoff, and how many roundings of the running magnitudes one chain of the op
+# may accumulate (sums of up to a few thousand terms, a dozen steps): generous for rounding,
+# and still millions of times smaller than any wrong term.
+FLOAT32_U = 2.0 ** -24
+ROUNDING_STEPS = 64
+
+
+def magnitudes64(inputs, dy, case: "Case") -> Dict[str, torch.Tensor]:
+    """For y and every gradient, the float64 sum of the absolute values of the terms that the
+    op adds up to make it (each sum and product taken over |.|): the scale float32 rounding
+    errors are relative to. Where terms cancel (a one-element db1 that is the small difference
+    of large per-sample terms), ||ref|| is far below this scale and a 1e-5 relative error is
+    out of float32's reach, for eager PyTorch as for any kernel."""
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    x, w1, b1, w2, b2, r = (d(inputs[k]) for k in ("x", "w1", "b1", "w2", "b2", "residual"))
+    gy = d(dy)
+    w1, w2 = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+    from se_kernels.reference import ACTIVATIONS as ACT, GATES as GATE
+
+    def with_grad(fn, t):
+        t = t.detach().requires_grad_()
+        out = fn(t)
+        (grad,) = torch.autograd.grad(out.sum(), t) if t.numel() else (torch.zeros_like(t),)
+        return out.detach(), grad
+
+    hw = x.shape[2] * x.shape[3]
+    p = x.mean((2, 3))
+    a = p @ w1.t() + (b1 if b1 is not None else 0)
+    h, dact = with_grad(ACT[case.activation], a)
+    z = h @ w2.t() + (b2 if b2 is not None else 0)
+    g, dgate = with_grad(GATE[case.gate], z)
+    y0 = x * g[:, :, None, None] + (r if r is not None else 0)
+    mask = (y0 > 0).double() if case.out_activation == "relu" else torch.ones_like(y0)
+    A = {}
+    # forward: |x| g + |r|, and the pooling / GEMV sums behind g (|g'| |z| scale)
+    ap = x.abs().mean((2, 3))
+    aa = ap @ w1.abs().t() + (b1.abs() if b1 is not None else 0)
+    az = (aa * dact.abs()) @ w2.abs().t() + (b2.abs() if b2 is not None else 0)
+    ag = g.abs() + dgate.abs() * az
+    A["y"] = x.abs() * ag[:, :, None, None] + (r.abs() if r is not None else 0)
+    # backward
+    dyp = gy.abs() * mask
+    adg = (dyp * x.abs()).sum((2, 3))
+    adz = adg * dgate.abs()
+    ada = (adz @ w2.abs()) * dact.abs()
+    A["x"] = dyp * ag[:, :, None, None] + ((ada @ w1.abs()) / hw)[:, :, None, None]
+    A["w1"] = ada.t() @ ap
+    A["b1"] = ada.sum(0)
+    A["w2"] = adz.t() @ h.abs()
+    A["b2"] = adz.sum(0)
+    A["residual"] = dyp
+    return A
+
+
+def float32_close(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> Tuple[bool, str]:
+    """DESIGN.md's float32 rule, ||out - ref|| < 1e-5 ||ref||, plus a condition-aware floor:
+    what float32 rounding can produce at the magnitudes the sums run through
+    (ROUNDING_STEPS * u * ||magnitude||). Returns (ok, description)."""
+    diff = (out.double() - ref.double()).norm().item()
+    ref_norm = ref.double().norm().item()
+    floor = ROUNDING_STEPS * FLOAT32_U * magnitude.reshape(out.shape).norm().item()
+    ok = diff < 1e-5 * ref_norm + floor or diff == 0.0
+    return ok, f"rel err {diff / ref_norm if ref_norm else diff:.3g} (|diff| {diff:.3g}, 1e-5|ref| {1e-5 * ref_norm:.3g}, rounding floor {floor:.3g})"
+
+
+def assert_float32_matches(outputs: Dict[str, Optional[torch.Tensor]], refs: Dict[str, torch.Tensor], inputs, dy,
+                           case: "Case", where: str = "") -> None:
+    """Every float32 output named in `outputs` ("y" and gradient names; None entries skipped)
+    against its float64 reference, by float32_close."""
+    magnitude = magnitudes64({k: (v.cpu() if v is not None else None) for k, v in inputs.items()}, dy.cpu(), case)
+    for name, out in outputs.items():
+        if out is None:
+            continue
+        assert not torch.isnan(out).any(), f"NaN in {name} (unwritten output?): {where}"
+        ok, msg = float32_close(out.cpu(), refs[name], magnitude[name])
+        assert ok, f"{name}: {msg} {where}"
+
+
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
