@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The prepared GPU session (one call of the device tool, 15 minutes of device time per issue):
+# build the extension for sm_90, run the GPU tests, benchmark the op and the models, and write a
+# short summary. Every step has its own timeout, so a hang in one still leaves the others' output.
+#
+#   bash benchmarks/gpu_check.sh                # writes into $OUT (the device tool's folder), else ./gpu_out
+#   STEPS="build tests" bash benchmarks/gpu_check.sh   # a subset (build tests op model)
+#
+# It uses the python3 it finds (on the lent H200: torch 2.11, Triton 3.6, pytest, hypothesis,
+# tqdm, matplotlib already installed; nothing can be installed there). Outputs: summary.txt,
+# env.txt, build.log, tests.log, bench_op.log, bench_model.log, and results/ with bench_se's
+# CSV/markdown/PNG and bench_model's CSV/markdown; all of it also packed in gpu_check.tar.gz
+# (the device tool brings back a limited number of files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-"build tests op model"}
+mkdir -p "$OUT/results"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+step() {  # step NAME SECONDS LOG COMMAND...: run with a timeout, log its tail into the summary
+    local name=$1 limit=$2 log=$3; shift 3
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$log" 2>&1
+    local rc=$?
+    say "$name: rc=$rc in $((SECONDS - t0)) s$([ $rc = 124 ] && echo " (TIMED OUT after ${limit} s)")"
+    tail -n "${TAIL:-3}" "$OUT/$log" | sed 's/^/    /' | tee -a "$SUMMARY" > /dev/null
+    return $rc
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+    $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "triton", triton.__version__, "device", torch.cuda.get_device_name())'
+    command -v nvcc && nvcc --version | tail -2
+} > "$OUT/env.txt" 2>&1
+say "$(tail -n 3 "$OUT/env.txt" | head -1)"
+
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
+if want build; then
+    # sm_90 only (the H200); in place, so `import se_kernels` from the repository root finds _C.
+    rm -f se_kernels/_C*.so
+    step build 300 build.log env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+        $PY setup.py build_ext --inplace
+    $PY - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+from se_kernels import available_backends, ops
+print("    backends on cuda:", available_backends("cuda"), "| extension error:", ops.extension_error())
+EOF
+fi
+
+if want tests; then
+    # The GPU suites (Triton and CUDA backends against the float64 reference, gradcheck,
+    # opcheck, compile, CUDA graphs, determinism) and the API/conversion tests with a GPU present.
+    TAIL=12 step tests 240 tests.log $PY -m pytest -q -p no:cacheprovider --timeout=200 \
+        tests/test_cuda.py tests/test_triton.py tests/test_api.py tests/test_convert.py -x -ra
+fi
+
+if want op; then
+    # ImageNet SE-ResNet-50 sites, float32 and bfloat16, forward and full (training), every
+    # provider (eager, compile, triton, cuda); then the EfficientNet-B0 sites in bfloat16.
+    TAIL=30 step bench_op 240 bench_op.log $PY benchmarks/bench_se.py --device cuda \
+        --shape-set imagenet-se-resnet50 --dtypes float32 bfloat16 --modes forward full \
+        --results-dir "$OUT/results"
+    TAIL=20 step bench_op_effnet 150 bench_op_effnet.log $PY benchmarks/bench_se.py --device cuda \
+        --shape-set efficientnet-b0 --dtypes bfloat16 --modes forward full --results-dir "$OUT/results"
+fi
+
+if want model; then
+    # SE overhead in SE-ResNet-18 (CIFAR, batch 128) / SE-ResNet-50 training, bf16 autocast;
+    # no torch.compile variants (minutes of compile per model on a cold cache).
+    TAIL=20 step bench_model 180 bench_model.log $PY benchmarks/bench_model.py --device cuda --amp \
+        --no-compile --target-s 3 --csv "$OUT/results/bench_model_cuda.csv" --md "$OUT/results/bench_model_cuda.md"
+fi
+
+tar -C "$OUT" -czf "$OUT/gpu_check.tar.gz" --exclude gpu_check.tar.gz . 2>/dev/null
+say "done; everything is also in gpu_check.tar.gz"
