@@ -201,5 +201,22 @@ def assert_float32_matches(outputs: Dict[str, Optional[torch.Tensor]], refs: Dic
         assert ok, f"{name}: {msg} {where}"
 
 
+# The atol of the reduced-precision rule, relative to max |reference|.
+LOW_PRECISION_ATOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def assert_low_precision_matches(outputs: Dict[str, torch.Tensor], eager: Dict[str, torch.Tensor],
+                                 refs: Dict[str, torch.Tensor], dtype: torch.dtype, where: str = "") -> None:
+    """DESIGN.md's float16/bfloat16 rule (flash-attention's): max |out - ref| at most twice eager
+    PyTorch's max |eager - ref| in the same dtype, plus LOW_PRECISION_ATOL, both relative to
+    max |ref|, for every output named in `outputs`."""
+    for name, out in outputs.items():
+        ref = refs[name]
+        assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype} {where}"
+        scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+        ours, theirs = max_err(out.cpu(), ref) / scale, max_err(eager[name].cpu(), ref) / scale
+        assert ours <= 2 * theirs + LOW_PRECISION_ATOL[dtype], f"{name}: error {ours:.3g} vs eager {theirs:.3g} {dtype} {where}"
+
+
 def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import (
-    ACTIVATIONS, GATES, GRAD_NAMES, NATIVE_CPU, Case, assert_float32_matches, make_inputs, max_err, reference64, run,
+    ACTIVATIONS, GATES, GRAD_NAMES, NATIVE_CPU, Case, assert_float32_matches, assert_low_precision_matches, make_inputs, reference64, run,
 )
 from se_kernels import fused_se
 from se_kernels.reference import se_reference
@@ -44,9 +44,5 @@ def test_cpu_backend_matches_reference(case, dtype, seed):
                                inputs, dy, case, f"seed={seed} {case}")
         return
     y_eager, grads_eager = run(se_reference, inputs, dy, case)
-    eager = {"y": y_eager, **grads_eager}
-    atol = 8e-3 if dtype == torch.bfloat16 else 1e-3
-    for name, out, ref in pairs:
-        scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
-        ours, theirs = max_err(out, ref) / scale, max_err(eager[name], ref) / scale
-        assert ours <= 2 * theirs + atol, f"{name}: {ours:.3g} vs eager {theirs:.3g} {dtype} {case}"
+    assert_low_precision_matches({name: out for name, out, _ in pairs}, {"y": y_eager, **grads_eager},
+                                 {name: ref for name, _, ref in pairs}, dtype, f"seed={seed} {case}")

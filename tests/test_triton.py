@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (
-    ACTIVATIONS, GATES, GRAD_NAMES, Case, assert_float32_matches, fresh_seed, make_inputs, max_err, reference64, rel_err, run,
+    ACTIVATIONS, GATES, GRAD_NAMES, Case, assert_float32_matches, assert_low_precision_matches, fresh_seed, make_inputs, reference64, rel_err, run,
 )
 from se_kernels import available_backends, fused_se, ops
 from se_kernels.reference import se_reference
@@ -61,12 +61,8 @@ def check(case: Case, dtype: torch.dtype, seed: int, backend: str = "triton") ->
                                inputs, dy, case, where)
         return
     y_eager, grads_eager = run(se_reference, inputs, dy, case)
-    eager = {"y": y_eager, **grads_eager}
-    atol = 8e-3 if dtype == torch.bfloat16 else 1e-3
-    for name, out, ref in pairs:
-        scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
-        ours, theirs = max_err(out.cpu(), ref) / scale, max_err(eager[name].cpu(), ref) / scale
-        assert ours <= 2 * theirs + atol, f"{name}: {ours:.3g} vs eager {theirs:.3g} {where}"
+    assert_low_precision_matches({name: out for name, out, _ in pairs}, {"y": y_eager, **grads_eager},
+                                 {name: ref for name, _, ref in pairs}, dtype, where)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
