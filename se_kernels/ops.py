@@ -177,6 +177,7 @@ def available_backends(device="cpu") -> List[str]:
 
 
 _warned_fallback = set()
+_auto_choice: dict = {}
 
 
 @torch.compiler.assume_constant_result
@@ -195,7 +196,13 @@ def resolve_backend(backend: str, device_type: str) -> str:
         if reason is not None:
             raise RuntimeError(f"se_kernels backend {backend!r} is not available: {reason}")
         return backend
-    chosen = available_backends(device_type)[0]
+    # What "auto" picks for a device type is fixed once se_kernels is imported (the extension
+    # and Triton either loaded or not), except that TRITON_INTERPRET lets Triton take CPU
+    # tensors: cached per (device type, TRITON_INTERPRET), it costs a dict lookup per call.
+    key = (device_type, os.environ.get("TRITON_INTERPRET"))
+    chosen = _auto_choice.get(key)
+    if chosen is None:
+        chosen = _auto_choice[key] = available_backends(device_type)[0]
     if chosen == "torch" and device_type in PREFERENCE and device_type not in _warned_fallback:
         _warned_fallback.add(device_type)
         reasons = "; ".join(

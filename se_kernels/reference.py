@@ -127,9 +127,22 @@ class SEBase(nn.Module):
     def squeeze_channels(self) -> int:
         return self.reduce_layer.weight.shape[0]
 
+    def _layer(self, path: str) -> nn.Module:
+        """self.get_submodule(path), walking _modules directly (this runs on every forward;
+        get_submodule's checks cost ~3 us a call); get_submodule's error if it is missing."""
+        module = self
+        try:
+            for name in path.split("."):
+                module = module._modules[name]
+        except (KeyError, AttributeError):
+            return self.get_submodule(path)
+        if module is None:
+            return self.get_submodule(path)
+        return module
+
     def se_arguments(self) -> tuple:
         """(w1, b1, w2, b2) and the option keywords, for se_reference or fused_se."""
-        reduce, expand = self.reduce_layer, self.expand_layer
+        reduce, expand = self._layer(self._reduce_path), self._layer(self._expand_path)
         options = dict(activation=self.activation, gate=self.gate, out_activation=self.out_activation)
         return (reduce.weight, reduce.bias, expand.weight, expand.bias), options
 
