@@ -784,6 +784,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg, notes = config_from_args(args)
+    if cfg.device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_model: --device cuda, but torch sees no GPU (torch.cuda.is_available() is False)")
     if cfg.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if not cfg.amp:  # float32 means float32 (as bench_se.py): TF32 would also loosen the guard

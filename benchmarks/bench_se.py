@@ -1130,6 +1130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Results:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_se: --device cuda, but torch sees no GPU (torch.cuda.is_available() is False)")
     if device.type == "cuda":  # every provider computes float32 in float32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

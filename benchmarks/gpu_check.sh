@@ -34,13 +34,22 @@ step() {  # step NAME SECONDS LOG COMMAND...: run with a timeout, log its tail i
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
-    $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
-"cuda", torch.version.cuda, "triton", triton.__version__, "device", torch.cuda.get_device_name())'
     command -v nvcc && nvcc --version | tail -2
 } > "$OUT/env.txt" 2>&1
-say "$(tail -n 3 "$OUT/env.txt" | head -1)"
+$PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "triton", triton.__version__,
+"device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")' > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt" >> "$OUT/env.txt"
+say "$(tail -n 1 "$OUT/versions.txt")"
 
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
+# The toolkit torch.utils.cpp_extension compiles with: CUDA_HOME if set, else /usr/local/cuda,
+# else the one nvcc belongs to.
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+    else CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")"); fi
+fi
+export CUDA_HOME
+say "CUDA_HOME=$CUDA_HOME"
 if want build; then
     # sm_90 only (the H200); in place, so `import se_kernels` from the repository root finds _C.
     rm -f se_kernels/_C*.so
@@ -55,8 +64,10 @@ fi
 if want tests; then
     # The GPU suites (Triton and CUDA backends against the float64 reference, gradcheck,
     # opcheck, compile, CUDA graphs, determinism) and the API/conversion tests with a GPU present.
-    TAIL=12 step tests 240 tests.log $PY -m pytest -q -p no:cacheprovider --timeout=200 \
-        tests/test_cuda.py tests/test_triton.py tests/test_api.py tests/test_convert.py -x -ra
+    per_test=""
+    $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=200"
+    TAIL=12 step tests 240 tests.log $PY -m pytest -q -p no:cacheprovider $per_test \
+        tests/test_cuda.py tests/test_triton.py tests/test_api.py tests/test_convert.py -ra
 fi
 
 if want op; then

@@ -147,6 +147,8 @@ def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
     if backend == "cuda":
         if device_type != "cuda":
             return f"the 'cuda' backend takes CUDA tensors, and x is on {device_type}"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible (torch.cuda.is_available() is False)"
         if _EXT_ERROR is not None:
             return f"the native extension se_kernels._C did not load ({_EXT_ERROR}); {_BUILD_HINT}"
         if not _has_native_kernel("CUDA"):
@@ -159,6 +161,8 @@ def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
         if _TRITON_ERROR is not None:
             return f"Triton is not usable ({_TRITON_ERROR}); install the triton package that matches your torch"
         if device_type == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA device is visible (torch.cuda.is_available() is False)"
             return None
         if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             return None

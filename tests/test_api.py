@@ -88,6 +88,16 @@ def test_available_backends():
     assert "torch" in available_backends("cuda")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_backends_need_a_gpu():
+    """Built CUDA kernels and an importable Triton are not enough: without a visible GPU,
+    "cuda" and "triton" are not offered for CUDA tensors, and naming them says why."""
+    assert available_backends("cuda") == ["torch"]
+    for backend in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match="not available: .*(no CUDA device is visible|not usable|without CUDA)"):
+            ops.resolve_backend(backend, "cuda")
+
+
 def test_named_backend_for_other_device_raises():
     with pytest.raises(RuntimeError, match="'cuda' backend takes CUDA tensors"):
         _call(backend="cuda")

@@ -14,7 +14,7 @@ from test_triton import EPILOGUES, ODD, capture_and_replay, check, to_device
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in available_backends("cuda"),
-                       reason=f"cuda backend: {ops.unavailable_reason('cuda', 'cuda')}"),
+                       reason=f"cuda backend unavailable: {ops.unavailable_reason('cuda', 'cuda')}"),
     pytest.mark.usefixtures("poisoned_allocations"),
 ]
 
