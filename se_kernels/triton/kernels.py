@@ -179,6 +179,20 @@ def _excite_backward(dz2, n, c, c_ok, w1_ptr, w2_ptr, hidden_ptr, dz1_ptr, C, S,
 
 
 @triton.jit
+def _reversed_tile(BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(n, channel indices, pixel indices) of this program in a (N, C blocks, L blocks) grid,
+    last program first. The split plans read x (dy) twice: channel_sums_kernel walks it in
+    grid order, then the scale (grad-input) pass walks it again. GPUs start programs roughly
+    in grid order, so walking the second pass backwards first reads what the first pass read
+    last, the part most likely still in L2. Only the order changes: every program still
+    writes its own tile, and the results are the same bits."""
+    n = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+    c = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_L + tl.arange(0, BLOCK_L)
+    return n, c, l
+
+
+@triton.jit
 def _scale_tile(x, g, offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
                 HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -310,10 +324,9 @@ def se_scale_kernel(
     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """y = out_act(x * g + residual), grid (N, C blocks, L blocks)."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    """y = out_act(x * g + residual), grid (N, C blocks, L blocks), walked backwards (see
+    _reversed_tile)."""
+    n, c, l = _reversed_tile(BLOCK_C, BLOCK_L)
     c_ok = c < C
     inside = c_ok[:, None] & (l < L)[None, :]
     offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
@@ -386,10 +399,9 @@ def se_grad_input_kernel(
     OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """grad_x = dy' * g + dp and grad_residual = dy', grid (N, C blocks, L blocks)."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    """grad_x = dy' * g + dp and grad_residual = dy', grid (N, C blocks, L blocks), walked
+    backwards (see _reversed_tile)."""
+    n, c, l = _reversed_tile(BLOCK_C, BLOCK_L)
     c_ok = c < C
     inside = c_ok[:, None] & (l < L)[None, :]
     offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
