@@ -14,7 +14,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "../se_common.h"
 
@@ -70,33 +72,50 @@ inline void dot_block(const A* a, const A* b, const A* bias, int64_t C, int64_t 
   }
 }
 
+// f(std::integral_constant<int, TB>{}, t0) over [0, nt) in blocks of 4 samples and one block
+// of the 1-3 left over, so that a tile of 3 samples (common when samples are large) still
+// shares every weight load between its samples.
+template <typename F>
+inline void for_sample_blocks(int64_t nt, F&& f) {
+  int64_t t0 = 0;
+  for (; t0 + 4 <= nt; t0 += 4) f(std::integral_constant<int, 4>{}, t0);
+  switch (nt - t0) {
+    case 3: f(std::integral_constant<int, 3>{}, t0); break;
+    case 2: f(std::integral_constant<int, 2>{}, t0); break;
+    case 1: f(std::integral_constant<int, 1>{}, t0); break;
+    default: break;
+  }
+}
+
 // out (nt, S) = a (nt, C) b^T + bias, b (S, C). Blocks of b rows outside, so that they stay
 // in L1 while all of the tile's samples pass.
 template <typename A>
 void matmul_nt(const A* a, const A* b, const A* bias, int64_t nt, int64_t S, int64_t C, A* out) {
   int64_t s0 = 0;
-  for (; s0 + 2 <= S; s0 += 2) {
-    int64_t t0 = 0;
-    for (; t0 + 4 <= nt; t0 += 4) dot_block<4, 2>(a, b, bias, C, S, t0, s0, out);
-    for (; t0 < nt; ++t0) dot_block<1, 2>(a, b, bias, C, S, t0, s0, out);
-  }
-  for (; s0 < S; ++s0) {
-    int64_t t0 = 0;
-    for (; t0 + 4 <= nt; t0 += 4) dot_block<4, 1>(a, b, bias, C, S, t0, s0, out);
-    for (; t0 < nt; ++t0) dot_block<1, 1>(a, b, bias, C, S, t0, s0, out);
-  }
+  for (; s0 + 2 <= S; s0 += 2)
+    for_sample_blocks(nt, [&](auto tb, int64_t t0) { dot_block<decltype(tb)::value, 2>(a, b, bias, C, S, t0, s0, out); });
+  for (; s0 < S; ++s0)
+    for_sample_blocks(nt, [&](auto tb, int64_t t0) { dot_block<decltype(tb)::value, 1>(a, b, bias, C, S, t0, s0, out); });
 }
 
-// out[t, c..c+K*W) for t in [t0, t0 + TB): TB x K accumulators, so that each loaded vector of b
-// serves TB samples and each broadcast z serves K vectors.
+// Rows of b that matmul_nn streams at once: that many sequential streams, which the hardware
+// prefetchers follow (walking all S rows per column block instead, a stride of C floats,
+// waits on the cache for every row once b outgrows L1: 5-10x slower for S = C / 4 here).
+constexpr int64_t kRowChunk = 8;
+
+// out[t, c..c+K*W) for t in [t0, t0 + TB), adding rows [s0, s1) of b: TB x K accumulators, so
+// that each loaded vector of b serves TB samples and each broadcast z serves K vectors. The
+// accumulators start from init (or 0) at s0 == 0 and from out afterwards.
 template <int TB, int K, typename A>
-inline void axpy_block(const A* z, const A* b, const A* init, int64_t S, int64_t C, int64_t t0, int64_t c, A* out) {
+inline void axpy_block(const A* z, const A* b, const A* init, int64_t S, int64_t C, int64_t t0, int64_t c,
+                       int64_t s0, int64_t s1, A* out) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   V acc[TB][K];
   for (int i = 0; i < TB; ++i)
-    for (int k = 0; k < K; ++k) acc[i][k] = init ? V::loadu(init + c + k * W) : V(A(0));
-  for (int64_t s = 0; s < S; ++s) {
+    for (int k = 0; k < K; ++k)
+      acc[i][k] = s0 > 0 ? V::loadu(out + (t0 + i) * C + c + k * W) : init ? V::loadu(init + c + k * W) : V(A(0));
+  for (int64_t s = s0; s < s1; ++s) {
     V bv[K];
     for (int k = 0; k < K; ++k) bv[k] = V::loadu(b + s * C + c + k * W);
     for (int i = 0; i < TB; ++i) {
@@ -108,20 +127,26 @@ inline void axpy_block(const A* z, const A* b, const A* init, int64_t S, int64_t
     for (int k = 0; k < K; ++k) acc[i][k].store(out + (t0 + i) * C + c + k * W);
 }
 
-template <int K, typename A>
-inline void axpy_columns(const A* z, const A* b, const A* init, int64_t nt, int64_t S, int64_t C, int64_t c, A* out) {
-  int64_t t = 0;
-  for (; t + 4 <= nt; t += 4) axpy_block<4, K>(z, b, init, S, C, t, c, out);
-  for (; t < nt; ++t) axpy_block<1, K>(z, b, init, S, C, t, c, out);
-}
-
+// out (nt, C) = init + z (nt, S) b (S, C), init (C) or nullptr. Every element adds its S terms
+// in order s = 0, 1, ... (one fused multiply-add each, starting from init), whatever nt and
+// the blocking: chunks of kRowChunk rows of b outside, column blocks, then sample blocks.
 template <typename A>
 void matmul_nn(const A* z, const A* b, const A* init, int64_t nt, int64_t S, int64_t C, A* out) {
   constexpr int64_t W = at::vec::Vectorized<A>::size();
-  int64_t c = 0;
-  for (; c + 2 * W <= C; c += 2 * W) axpy_columns<2>(z, b, init, nt, S, C, c, out);
-  for (; c + W <= C; c += W) axpy_columns<1>(z, b, init, nt, S, C, c, out);
-  for (; c < C; ++c) {
+  const int64_t cv = C - C % W;  // columns in vector blocks
+  for (int64_t s0 = 0; s0 < S; s0 += kRowChunk) {
+    const int64_t s1 = std::min(S, s0 + kRowChunk);
+    int64_t c = 0;
+    for (; c + 2 * W <= cv; c += 2 * W)
+      for_sample_blocks(nt, [&](auto tb, int64_t t0) {
+        axpy_block<decltype(tb)::value, 2>(z, b, init, S, C, t0, c, s0, s1, out);
+      });
+    for (; c < cv; c += W)
+      for_sample_blocks(nt, [&](auto tb, int64_t t0) {
+        axpy_block<decltype(tb)::value, 1>(z, b, init, S, C, t0, c, s0, s1, out);
+      });
+  }
+  for (int64_t c = cv; c < C; ++c) {
     for (int64_t t = 0; t < nt; ++t) {
       A acc = init ? init[c] : A(0);
       for (int64_t s = 0; s < S; ++s) acc += z[t * S + s] * b[s * C + c];
