@@ -122,6 +122,7 @@ from bench_se import (  # noqa: E402
     choose_malloc,
     cpu_model,
     device_name,
+    source_version,
     measure,
     summarize,
     synchronize,
@@ -768,6 +769,7 @@ def machine_header(device: torch.device, malloc: str) -> List[str]:
         f"{torch.get_num_threads()}",
         f"device:  {device} ({device_name(device)})",
         f"torch:   {torch.__version__}",
+        f"source:  {source_version()}",
         f"malloc:  {malloc}",
     ]
 

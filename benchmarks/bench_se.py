@@ -763,6 +763,21 @@ def device_slug(device: torch.device) -> str:
     return f"{device.type}-{slugify(device_name(device))}"
 
 
+def source_version() -> str:
+    """The git commit of the checkout this runs from, "+ uncommitted changes" when the
+    tracked files differ from it; "unknown" outside a git checkout."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"git {sha}" + (" + uncommitted changes" if dirty else "")
+
+
 @dataclass
 class RunInfo:
     command: str
@@ -785,6 +800,7 @@ class RunInfo:
             ("machine", f"{self.machine}, torch threads {self.threads}"),
             ("device", self.device),
             ("torch", self.torch),
+            ("source", source_version()),
             ("malloc", self.malloc),
             ("others", f"other processes kept {self.other_cores:.2f} of the {os.cpu_count()} CPUs busy "
                        "during the timed rounds (/proc/stat)"),

@@ -48,7 +48,7 @@ def header_lines(md: Path) -> List[str]:
     """The command and the machine lines of a bench_se/bench_model markdown report."""
     lines = md.read_text().splitlines()
     keep = [l for l in lines if l.startswith("Command:")]
-    keep += [l for l in lines if re.match(r"- (date|machine|device|torch|malloc|others|load|setting|batches):", l)]
+    keep += [l for l in lines if re.match(r"- (date|machine|device|torch|source|malloc|others|load|setting|batches):", l)]
     return keep
 
 
