@@ -764,14 +764,16 @@ def device_slug(device: torch.device) -> str:
 
 
 def source_version() -> str:
-    """The git commit of the checkout this runs from, "+ uncommitted changes" when the
-    tracked files differ from it; "unknown" outside a git checkout."""
+    """The git commit of the checkout this runs from, "+ uncommitted changes" when tracked
+    source files differ from it; "unknown" outside a git checkout."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # results files and the README they feed are not source
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!benchmarks/results", ":!README.md"], cwd=root,
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
