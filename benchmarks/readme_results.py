@@ -3,8 +3,8 @@
     python benchmarks/readme_results.py            # rewrite README.md between the markers
     python benchmarks/readme_results.py --print    # print the section instead
 
-Op results: for every (device, shape set) the newest untagged bench_se.py CSV
-({device-slug}_{YYYY-MM-DD}_{shape-set}.csv) and its markdown report (for the command, machine
+Op results: for every (device, shape set, tag) the newest bench_se.py CSV
+({device-slug}_{YYYY-MM-DD}_{shape-set}[_{tag}].csv) and its markdown report (for the command, machine
 and date lines). Model results: the newest {device-slug}_{YYYY-MM-DD}_model-*.md written by
 bench_model.py --md (its headline lines). Nothing here measures: every number comes from a file
 that names the command that produced it.
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-OP_FILE = re.compile(r"(?P<device>[a-z0-9-]+)_(?P<date>\d{4}-\d{2}-\d{2})_(?P<set>[a-z0-9-]+)\.csv")
+OP_FILE = re.compile(r"(?P<device>[a-z0-9-]+)_(?P<date>\d{4}-\d{2}-\d{2})_(?P<set>[a-z0-9-]+(_[a-z0-9-]+)?)\.csv")
 MODEL_FILE = re.compile(r"(?P<device>[a-z0-9-]+)_(?P<date>\d{4}-\d{2}-\d{2})_model-(?P<set>[a-z0-9-]+)\.md")
 BASELINES = ("eager", "compile")
 MODES = ("forward", "backward", "full")
@@ -36,12 +36,16 @@ def newest(pattern: re.Pattern) -> Dict[Tuple[str, str], Path]:
     found: Dict[Tuple[str, str], Tuple[str, Path]] = {}
     for path in sorted(RESULTS.iterdir()):
         m = pattern.fullmatch(path.name)
-        if not m or m["set"] == "custom" or m["set"].startswith("model-") and pattern is OP_FILE:
+        if not m or m["set"].startswith("custom") or m["set"].startswith("model-") and pattern is OP_FILE:
             continue
         key = (m["device"], m["set"])
         if key not in found or m["date"] >= found[key][0]:
             found[key] = (m["date"], path)
     return {k: v[1] for k, v in sorted(found.items())}
+
+
+def tagged(path: Path) -> bool:
+    return "_" in OP_FILE.fullmatch(path.name)["set"]
 
 
 def header_lines(md: Path) -> List[str]:
@@ -120,7 +124,7 @@ def model_section(md: Path) -> List[str]:
 
 def summary(paths: List[Path]) -> List[str]:
     """One row per (op results file, fused provider, dtype/layout/epilogue): geomean speedups."""
-    out = ["| device | shape set | variant | provider | " + " | ".join(
+    out = ["| report | device | variant | provider | " + " | ".join(
         f"{m} vs eager | {m} vs compile" for m in MODES) + " |", "|" + " --- |" * (4 + 2 * len(MODES))]
     for path in paths:
         with open(path) as f:
@@ -128,7 +132,8 @@ def summary(paths: List[Path]) -> List[str]:
         for variant in dict.fromkeys((r["dtype"], r["layout"], r["epilogue"]) for r in rows):
             vrows = [r for r in rows if (r["dtype"], r["layout"], r["epilogue"]) == variant]
             for p in sorted({r["provider"] for r in vrows} - set(BASELINES)):
-                cells = [vrows[0]["device"], f"`{vrows[0]['shape_set']}`", ", ".join(variant), p]
+                report = path.with_suffix(".md")
+                cells = [f"[{path.stem}]({report.relative_to(ROOT)})", vrows[0]["device"], ", ".join(variant), p]
                 for m in MODES:
                     pr = [r for r in vrows if r["mode"] == m and r["provider"] == p]
                     if not pr:
@@ -148,10 +153,11 @@ def section() -> str:
     if not ops:
         lines += ["No op benchmark results yet.", ""]
     else:
-        lines += ["Geometric means of the speedups over each set's sites (the blocks below have "
-                  "every site):", ""] + summary(list(ops.values()))
+        lines += ["Geometric means of the speedups over each set's sites (per-site tables: below for "
+                  "the untagged runs, in the linked report for the others):", ""] + summary(list(ops.values()))
     for path in ops.values():
-        lines += op_section(path)
+        if not tagged(path):  # tagged runs (e.g. --full --tag full): the summary rows and their report
+            lines += op_section(path)
     for path in newest(MODEL_FILE).values():
         lines += model_section(path)
     lines.append(END)
