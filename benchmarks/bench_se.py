@@ -787,6 +787,7 @@ class RunInfo:
     machine: str
     device: str
     torch: str
+    source: str  # source_version() when the run started
     threads: int
     malloc: str
     shape_set: ShapeSet
@@ -802,7 +803,7 @@ class RunInfo:
             ("machine", f"{self.machine}, torch threads {self.threads}"),
             ("device", self.device),
             ("torch", self.torch),
-            ("source", source_version()),
+            ("source", self.source),
             ("malloc", self.malloc),
             ("others", f"other processes kept {self.other_cores:.2f} of the {os.cpu_count()} CPUs busy "
                        "during the timed rounds (/proc/stat)"),
@@ -830,7 +831,7 @@ def run_info(argv: Sequence[str], device: torch.device, malloc: str, shapes: Sha
         command=f"cd {shlex.quote(os.getcwd())} && {command}",
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=f"{platform.node()}, {cpu_model()}, {os.cpu_count()} logical CPUs",
-        device=f"{device} ({device_name(device)})", torch=torch.__version__,
+        device=f"{device} ({device_name(device)})", torch=torch.__version__, source=source_version(),
         threads=torch.get_num_threads(), malloc=malloc, shape_set=shapes,
         compile_mode=compile_mode, providers=providers)
 

@@ -81,6 +81,20 @@ def _warps(elements: int) -> int:
     return 8 if elements >= 8192 else 4
 
 
+def _channel_sums(g: Geometry, x, dy, mask_arg, dot: bool, dtype: torch.dtype):
+    """The split plans' first pass: partial (N, splits, C) pixel sums of x (dot: of dy' * x,
+    dy' = dy masked by the relu mask), and the (BLOCK_C, BLOCK_L) tile it used."""
+    block_c, block_l = g.tile()
+    splits, per_split = g.splits(block_c, block_l, x.device)
+    partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=dtype)
+    kernels.channel_sums_kernel[(g.N, triton.cdiv(g.C, block_c), splits)](
+        x, dy, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, per_split, splits,
+        DOT=dot, OUT_RELU=dot and g.out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=block_c,
+        BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
+    )
+    return partial, splits, block_c, block_l
+
+
 def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activation: Optional[str]):
     """(y, pooled, hidden, gate_logits, relu_mask): se_kernels::se_forward's contract."""
     out_relu = out_activation == "relu"
@@ -107,21 +121,13 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
             num_warps=_warps(g.block_c_all * g.block_l_all),
         )
         return y, pooled, hidden, logits, mask
-    block_c, block_l = g.tile()
-    splits, per_split = g.splits(block_c, block_l, x.device)
-    partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=pooled.dtype)
-    c_blocks = triton.cdiv(g.C, block_c)
-    kernels.channel_sums_kernel[(g.N, c_blocks, splits)](
-        x, x, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, per_split, splits,
-        DOT=False, OUT_RELU=False, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l,
-        num_warps=_warps(block_c * block_l),
-    )
+    partial, splits, block_c, block_l = _channel_sums(g, x, x, mask_arg, dot=False, dtype=pooled.dtype)
     gates = torch.empty_like(pooled)
     kernels.se_excite_kernel[(g.N,)](
         partial, w1, b1_arg, w2, b2_arg, pooled, hidden, logits, gates, g.C, g.S, g.L, splits,
         **mlp, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s, num_warps=_warps(MLP_TILE_ELEMENTS),
     )
-    kernels.se_scale_kernel[(g.N, c_blocks, triton.cdiv(g.L, block_l))](
+    kernels.se_scale_kernel[(g.N, triton.cdiv(g.C, block_c), triton.cdiv(g.L, block_l))](
         x, res, y, mask_arg, gates, g.C, g.L, *g.strides, g.row_bytes,
         **flags, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
     )
@@ -158,15 +164,7 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             num_warps=_warps(2 * g.block_c_all * g.block_l_all),
         )
     else:
-        block_c, block_l = g.tile()
-        splits, per_split = g.splits(block_c, block_l, x.device)
-        partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=pooled.dtype)
-        c_blocks = triton.cdiv(g.C, block_c)
-        kernels.channel_sums_kernel[(g.N, c_blocks, splits)](
-            x, grad_y, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, per_split, splits,
-            DOT=True, OUT_RELU=out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l,
-            num_warps=_warps(block_c * block_l),
-        )
+        partial, splits, block_c, block_l = _channel_sums(g, x, grad_y, mask_arg, dot=True, dtype=pooled.dtype)
         gates = torch.empty_like(pooled)
         dp = torch.empty_like(pooled)
         kernels.se_excite_backward_kernel[(g.N,)](
@@ -175,7 +173,7 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             num_warps=_warps(MLP_TILE_ELEMENTS),
         )
         if need_grad_x or need_dres:
-            kernels.se_grad_input_kernel[(g.N, c_blocks, triton.cdiv(g.L, block_l))](
+            kernels.se_grad_input_kernel[(g.N, triton.cdiv(g.C, block_c), triton.cdiv(g.L, block_l))](
                 grad_y, mask_arg, dx_arg, dres_arg, gates, dp, g.C, g.L, *g.strides, g.row_bytes,
                 OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres, PIXEL_ROWS=g.pixel_rows,
                 ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
