@@ -6,11 +6,17 @@
 // which is a tenth of the whole op at the benchmark's smaller shapes. The fake kernels stay in
 // Python (se_kernels/ops.py); torch.compile and torch.export trace through this kernel.
 //
-// Saved for backward: x, w1, w2 and the forward's (N, C)/(N, S) vectors and relu bit mask
-// (csrc/se.cpp). Not supported: double backward (se_backward has no derivative).
+// Saved for backward: x, w1, b1, w2, b2 and the forward's (N, C)/(N, S) vectors and relu bit
+// mask (csrc/se.cpp).
+//
+// Second order: se_backward's kernels have no derivative of their own (its Autograd kernel
+// below raises if anything tries to differentiate it). A backward that runs with
+// create_graph=True (GradMode on) calls se_kernels::se_backward_differentiable instead: the
+// same gradients as differentiable ATen ops, defined in se_kernels/differentiable.py.
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -33,6 +39,11 @@ using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
     const at::Tensor&, const at::Tensor&, c10::string_view, c10::string_view, std::optional<c10::string_view>, bool,
     bool);
 
+using DifferentiableBackwardSignature = std::vector<at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, c10::string_view, c10::string_view,
+    std::optional<c10::string_view>);
+
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("se_kernels::se_forward", "").typed<ForwardSignature>();
@@ -43,6 +54,15 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("se_kernels::se_backward", "").typed<BackwardSignature>();
   return op;
+}
+
+// Registered from Python (se_kernels/differentiable.py) when se_kernels is imported.
+c10::TypedOperatorHandle<DifferentiableBackwardSignature> differentiable_backward_op() {
+  const auto handle = c10::Dispatcher::singleton().findSchema({"se_kernels::se_backward_differentiable", ""});
+  TORCH_CHECK(handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd),
+              "se_kernels: second-order gradients (create_graph=True) need se_kernels::se_backward_differentiable, "
+              "which `import se_kernels` registers; this process loaded the native library without it");
+  return handle->typed<DifferentiableBackwardSignature>();
 }
 
 class SEFunction : public torch::autograd::Function<SEFunction> {
@@ -56,7 +76,9 @@ class SEFunction : public torch::autograd::Function<SEFunction> {
     auto [y, pooled, hidden, gate_logits, relu_mask] =
         forward_op().call(x, w1, b1, w2, b2, residual, activation, gate, out_activation);
     ctx->mark_non_differentiable({pooled, hidden, gate_logits, relu_mask});
-    ctx->save_for_backward({x, w1, w2, pooled, hidden, gate_logits, relu_mask});
+    const at::Tensor none;
+    ctx->save_for_backward({x, w1, w2, pooled, hidden, gate_logits, relu_mask, b1.has_value() ? *b1 : none,
+                            b2.has_value() ? *b2 : none});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["gate"] = std::string(gate);
     ctx->saved_data["out_relu"] = out_activation.has_value();
@@ -91,10 +113,18 @@ class SEFunction : public torch::autograd::Function<SEFunction> {
     grad_y = uses_pixel_rows(x) ? grad_y.contiguous(at::MemoryFormat::ChannelsLast) : grad_y.contiguous();
     const std::optional<c10::string_view> out_activation =
         out_relu ? std::optional<c10::string_view>("relu") : std::nullopt;
-    auto [grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual] =
-        backward_op().call(grad_y, x, w1, w2, saved[3], saved[4], saved[5], saved[6], activation, gate,
-                           out_activation, need_x, need_residual);
-    if (need_residual && !out_relu) grad_residual = grad_y;  // y = x * g + residual
+    at::Tensor grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that autograd can differentiate
+      auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+      const auto g = differentiable_backward_op().call(grad_y, x, w1, optional(saved[7]), w2, optional(saved[8]),
+                                                       saved[6], activation, gate, out_activation);
+      grad_x = g[0], grad_w1 = g[1], grad_b1 = g[2], grad_w2 = g[3], grad_b2 = g[4], grad_residual = g[5];
+    } else {
+      std::tie(grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual) =
+          backward_op().call(grad_y, x, w1, w2, saved[3], saved[4], saved[5], saved[6], activation, gate,
+                             out_activation, need_x, need_residual);
+      if (need_residual && !out_relu) grad_residual = grad_y;  // y = x * g + residual
+    }
     const at::Tensor none;
     return {need_x ? grad_x : none,
             need_w1 ? grad_w1 : none,
@@ -120,6 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
 
 TORCH_LIBRARY_IMPL(se_kernels, Autograd, m) {
   m.impl("se_forward", &se_forward_autograd);
+  // The fused backward is not differentiable: differentiating it raises rather than giving zeros.
+  m.impl("se_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace se_kernels

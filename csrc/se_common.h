@@ -128,6 +128,8 @@ inline Geometry check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
                     "se_kernels: grad_y must match x in shape and dtype; got ", grad_y.sizes(), " ",
                     grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), "se_kernels: grad_y is on ", grad_y.device(), " but x is on ",
+                    x.device());
   TORCH_CHECK(same_layout(grad_y, g), "se_kernels: grad_y must have x's memory layout");
   const auto acc = accumulation_type(x.scalar_type());
   auto check_saved = [&](const at::Tensor& t, const char* name, int64_t cols) {
@@ -141,9 +143,11 @@ inline Geometry check_backward_args(const at::Tensor& grad_y, const at::Tensor& 
   check_saved(gate_logits, "gate_logits", g.C);
   if (out_relu) {
     TORCH_CHECK(relu_mask.scalar_type() == at::kByte && relu_mask.is_contiguous() &&
-                    relu_mask.sizes() == at::IntArrayRef({g.N, g.rows, g.mask_row_bytes}),
+                    relu_mask.sizes() == at::IntArrayRef({g.N, g.rows, g.mask_row_bytes}) &&
+                    relu_mask.device() == x.device(),
                 "se_kernels: relu_mask must be a contiguous uint8 tensor of shape (", g.N, ", ", g.rows, ", ",
-                g.mask_row_bytes, "); got ", relu_mask.sizes(), " ", relu_mask.scalar_type());
+                g.mask_row_bytes, ") on ", x.device(), "; got ", relu_mask.sizes(), " ", relu_mask.scalar_type(),
+                " on ", relu_mask.device());
   }
   return g;
 }

@@ -10,6 +10,7 @@ relu epilogue, one bit per element of y (see csrc/se.cpp).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import List, Optional
 
@@ -25,6 +26,8 @@ try:
     _EXT_ERROR: Optional[BaseException] = None
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _EXT_ERROR = exc
+
+from . import differentiable  # noqa: E402, F401  (registers se_kernels::se_backward_differentiable)
 
 
 def extension_error() -> Optional[BaseException]:
@@ -59,10 +62,91 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels: output metadata without computing (torch.compile, export, meta tensors).
+# Fake kernels: output metadata without computing (torch.compile, export, meta tensors). They
+# check what the native kernels check (csrc/se_common.h, check_forward_args and
+# check_backward_args), with torch._check so that symbolic shapes become guards.
+
+_OPTIONS = {
+    "activation": tuple(reference.ACTIVATIONS),
+    "gate": tuple(reference.GATES),
+    "out_activation": tuple(reference.OUT_ACTIVATIONS),
+}
+
+
+def _check_options(activation, gate, out_activation) -> None:
+    for name, value in (("activation", activation), ("gate", gate), ("out_activation", out_activation)):
+        torch._check_value(value in _OPTIONS[name],
+                           lambda: f"se_kernels: {name} must be one of {_OPTIONS[name]}; got {value!r}")
+
+
+def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    torch._check_type(t.dtype == x.dtype, lambda: f"se_kernels: {name} has dtype {t.dtype} but x has {x.dtype}")
+    torch._check_value(t.device == x.device, lambda: f"se_kernels: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_layout(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    layout = torch.channels_last if uses_pixel_rows(x) else torch.contiguous_format
+    torch._check(t.is_contiguous(memory_format=layout), lambda: f"se_kernels: {name} must have x's memory layout")
+
+
+def check_forward_args(x, w1, b1, w2, b2, residual) -> None:
+    torch._check_value(x.dim() == 4, lambda: f"se_kernels: x must be 4-D (N, C, H, W); got shape {list(x.shape)}")
+    torch._check_type(x.dtype.is_floating_point, lambda: f"se_kernels: x must be floating point; got {x.dtype}")
+    n, c, h, w = x.shape
+    torch._check_value(c >= 1 and h * w >= 1, lambda: f"se_kernels: x needs C >= 1 and H*W >= 1; got shape {list(x.shape)}")
+    torch._check(
+        x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last),
+        lambda: f"se_kernels: x must be NCHW-contiguous or channels_last-contiguous; got strides {list(x.stride())}",
+    )
+    torch._check_value(w1.dim() == 2 and w1.shape[1] == c and w1.shape[0] >= 1,
+                       lambda: f"se_kernels: w1 must have shape (S, C) with C = {c}; got {list(w1.shape)}")
+    s = w1.shape[0]
+    torch._check_value(w2.dim() == 2 and w2.shape[0] == c and w2.shape[1] == s,
+                       lambda: f"se_kernels: w2 must have shape (C, S) = ({c}, {s}); got {list(w2.shape)}")
+    for name, t, size in (("w1", w1, None), ("w2", w2, None), ("b1", b1, s), ("b2", b2, c)):
+        if t is None:
+            continue
+        _check_like_x(name, t, x)
+        if size is not None:
+            torch._check_value(t.dim() == 1 and t.shape[0] == size,
+                               lambda: f"se_kernels: {name} must have shape ({size},); got {list(t.shape)}")
+    if residual is not None:
+        _check_like_x("residual", residual, x)
+        torch._check_value(residual.shape == x.shape,
+                           lambda: f"se_kernels: residual must have x's shape {list(x.shape)}; got {list(residual.shape)}")
+        _check_layout("residual", residual, x)
+
+
+def check_backward_args(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, out_activation) -> None:
+    check_forward_args(x, w1, None, w2, None, None)
+    n, c, h, w = x.shape
+    s = w1.shape[0]
+    torch._check_value(grad_y.shape == x.shape and grad_y.dtype == x.dtype,
+                       lambda: f"se_kernels: grad_y must match x in shape and dtype; got {list(grad_y.shape)} {grad_y.dtype}")
+    torch._check_value(grad_y.device == x.device, lambda: f"se_kernels: grad_y is on {grad_y.device} but x is on {x.device}")
+    _check_layout("grad_y", grad_y, x)
+    acc = accumulation_dtype(x.dtype)
+    for name, t, cols in (("pooled", pooled, c), ("hidden", hidden, s), ("gate_logits", gate_logits, c)):
+        torch._check(
+            t.dim() == 2 and t.shape[0] == n and t.shape[1] == cols and t.is_contiguous() and t.dtype == acc
+            and t.device == x.device,
+            lambda: f"se_kernels: {name} must be a contiguous ({n}, {cols}) {acc} tensor on {x.device}; got "
+                    f"{list(t.shape)} {t.dtype} on {t.device}",
+        )
+    if out_activation == "relu":
+        rows, row_len = (h * w, c) if uses_pixel_rows(x) else (c, h * w)
+        expected = (n, rows, (row_len + 7) // 8)
+        torch._check(
+            relu_mask.dtype == torch.uint8 and relu_mask.is_contiguous() and tuple(relu_mask.shape) == expected
+            and relu_mask.device == x.device,
+            lambda: f"se_kernels: relu_mask must be a contiguous uint8 tensor of shape {expected} on {x.device}; "
+                    f"got {list(relu_mask.shape)} {relu_mask.dtype} on {relu_mask.device}",
+        )
 
 
 def forward_fake(x, w1, b1, w2, b2, residual, activation, gate, out_activation):
+    _check_options(activation, gate, out_activation)
+    check_forward_args(x, w1, b1, w2, b2, residual)
     n, c, h, w = x.shape
     s = w1.shape[0]
     acc = accumulation_dtype(x.dtype)
@@ -84,6 +168,8 @@ def backward_fake(
     grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
     need_grad_x, need_grad_residual,
 ):
+    _check_options(activation, gate, out_activation)
+    check_backward_args(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, out_activation)
     grad_x = torch.empty_like(x) if need_grad_x else x.new_empty((0,))
     if need_grad_residual and out_activation == "relu":
         grad_residual = torch.empty_like(x)
@@ -112,20 +198,31 @@ if _EXT_ERROR is None:
 # is for tests: last).
 PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch", "triton")}
 
-try:
-    import triton  # noqa: F401
+_triton_state: dict = {}
 
-    from .triton import op as _triton_op  # noqa: F401  (registers torch.ops.se_kernels.triton_se_*)
 
-    _TRITON_ERROR: Optional[BaseException] = None
-except Exception as exc:  # noqa: BLE001 - Triton missing or unusable: the backend says why
-    _TRITON_ERROR = exc
+def triton_error() -> Optional[BaseException]:
+    """Imports the Triton backend (registering torch.ops.se_kernels.triton_se_*) on first use;
+    returns why it is unusable, or None. Importing Triton costs ~0.3-0.5 s, so `import
+    se_kernels` does it only where the backend can run (a visible GPU, or TRITON_INTERPRET=1)."""
+    if "error" not in _triton_state:
+        try:
+            import triton  # noqa: F401
+
+            from .triton import op  # noqa: F401
+
+            _triton_state["error"] = None
+        except Exception as exc:  # noqa: BLE001 - Triton missing or unusable: the backend says why
+            _triton_state["error"] = exc
+    return _triton_state["error"]
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    triton_error()
 
 
 def _has_native_kernel(dispatch_key: str) -> bool:
-    return _EXT_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "se_kernels::se_forward", dispatch_key
-    )
+    return _EXT_ERROR is None and torch.ops.se_kernels.se_forward.default.has_kernel_for_dispatch_key(dispatch_key)
 
 
 _BUILD_HINT = (
@@ -158,18 +255,18 @@ def unavailable_reason(backend: str, device_type: str) -> Optional[str]:
             )
         return None
     if backend == "triton":
-        if _TRITON_ERROR is not None:
-            return f"Triton is not usable ({_TRITON_ERROR}); install the triton package that matches your torch"
         if device_type == "cuda":
             if not torch.cuda.is_available():
                 return "no CUDA device is visible (torch.cuda.is_available() is False)"
-            return None
-        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return (
-            f"the 'triton' backend takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
-            f"for testing), and x is on {device_type}"
-        )
+        elif device_type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+            return (
+                f"the 'triton' backend takes CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
+                f"for testing), and x is on {device_type}"
+            )
+        error = triton_error()
+        if error is not None:
+            return f"Triton is not usable ({error}); install the triton package that matches your torch"
+        return None
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
 
 
@@ -184,11 +281,28 @@ _warned_fallback = set()
 _auto_choice: dict = {}
 
 
-@torch.compiler.assume_constant_result
+def onnx_exporting() -> bool:
+    """True inside torch.onnx.export (either exporter). torch.onnx is not imported by `import
+    torch`; until something imports it, no export can be running."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def resolve_backend(backend: str, device_type: str) -> str:
     """The backend that runs a call: `backend` itself, or for "auto" the SE_KERNELS_BACKEND
     environment variable if set, else the fastest available. A backend named explicitly (by
-    argument or variable) that cannot run raises RuntimeError saying why."""
+    argument or variable) that cannot run raises RuntimeError saying why.
+
+    Inside torch.onnx.export every call takes the "torch" backend, whatever was asked: the
+    exported graph is then the standard ONNX operators of the unconverted model (the pool:
+    ReduceMean with dynamo=True, GlobalAveragePool with the TorchScript exporter; Conv, the
+    activation, Conv, the gate, Mul) that any ONNX runtime runs, rather than a custom op.
+
+    torch.compile traces through this function (os.environ reads and the dict cache below are
+    supported by Dynamo); it is deliberately not wrapped in torch.compiler.assume_constant_result,
+    whose first use imports torch._dynamo (~1 s) at `import se_kernels`."""
+    if onnx_exporting():
+        return "torch"
     if backend == "auto":
         backend = os.environ.get("SE_KERNELS_BACKEND", "auto") or "auto"
         if backend not in BACKENDS + ("auto",):

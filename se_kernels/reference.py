@@ -28,6 +28,21 @@ OUT_ACTIVATIONS = {
     "relu": F.relu,
 }
 
+# d act(u) / du and d gate(u) / du applied to an incoming gradient, as differentiable torch
+# ops (se_kernels/differentiable.py builds second-order gradients from them). Each equals what
+# autograd computes for the function above; silu and hardsigmoid are written out because
+# PyTorch's silu_backward and hardsigmoid_backward have no derivative of their own.
+ACTIVATION_GRADS = {
+    "relu": lambda grad, u: torch.ops.aten.threshold_backward(grad, u, 0),
+    "silu": lambda grad, u: grad * torch.sigmoid(u) * (1 + u * (1 - torch.sigmoid(u))),
+    "gelu": lambda grad, u: torch.ops.aten.gelu_backward(grad, u),
+    "hardswish": lambda grad, u: torch.ops.aten.hardswish_backward(grad, u),
+}
+GATE_GRADS = {
+    "sigmoid": lambda grad, u, g: torch.ops.aten.sigmoid_backward(grad, g),
+    "hardsigmoid": lambda grad, u, g: grad * ((u > -3) & (u < 3)).to(grad.dtype) / 6,
+}
+
 
 def se_reference(
     x: torch.Tensor,

@@ -310,3 +310,90 @@ def test_reference_backend_is_the_reference():
     y = fused_se(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], activation="gelu", gate="hardsigmoid", backend="torch")
     assert torch.equal(y, se_reference(t["x"], t["w1"], t["b1"], t["w2"], t["b2"], activation="gelu",
                                        gate="hardsigmoid"))
+
+
+# ---- the op's own contract (direct torch.ops calls, fake kernels, autocast) --------------
+
+# (change to the valid arguments, exception, words) for the fake kernels: what the native
+# kernels check (csrc/se_common.h), under meta tensors and torch.compile.
+FAKE_BAD = [
+    (dict(w1=torch.randn(3, 5)), ValueError, ["w1 must have shape (S, C) with C = 8", "[3, 5]"]),
+    (dict(w2=torch.randn(8, 3)), ValueError, ["w2 must have shape (C, S) = (8, 2)", "[8, 3]"]),
+    (dict(b1=torch.randn(5)), ValueError, ["b1 must have shape (2,)", "[5]"]),
+    (dict(b2=torch.randn(8, dtype=torch.float64)), TypeError, ["b2 has dtype"]),
+    (dict(residual=torch.randn(2, 8, 4, 5)), ValueError, ["residual must have x's shape"]),
+    (dict(x=torch.randn(2, 8, 16)), ValueError, ["x must be 4-D"]),
+]
+
+
+def _forward_ops():
+    out = []
+    if "cpu" in CPU_BACKENDS:
+        out.append(torch.ops.se_kernels.se_forward.default)
+    if "triton" in available_backends("cpu"):
+        out.append(torch.ops.se_kernels.triton_se_forward.default)
+    return out
+
+
+@pytest.mark.parametrize("op", _forward_ops(), ids=str)
+@pytest.mark.parametrize("change,error,words", FAKE_BAD)
+def test_fake_kernel_checks_like_the_kernel(op, change, error, words):
+    args = dict(x=torch.randn(2, 8, 4, 4), w1=torch.randn(2, 8), b1=torch.randn(2), w2=torch.randn(8, 2),
+                b2=torch.randn(8), residual=None)
+    args.update(change)
+    call = lambda **a: op(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], a["residual"], "relu", "sigmoid", None)  # noqa: E731
+    meta = {k: (v.to("meta") if v is not None else None) for k, v in args.items()}
+    for where, a in (("meta", meta), ("real", args)):
+        with pytest.raises(error) as info:
+            call(**a)
+        for w in words:
+            assert w in str(info.value), f"{where}: {info.value}"
+
+
+@pytest.mark.parametrize("op", _forward_ops(), ids=str)
+def test_fake_kernel_checks_under_compile(op):
+    """A graph that passes a w1 of the wrong width fails when traced, not with wrong output."""
+    torch._dynamo.reset()
+    x, w1, w2 = torch.randn(2, 8, 4, 4), torch.randn(3, 5), torch.randn(8, 3)
+    fn = torch.compile(lambda x, w1, w2: op(x, w1, None, w2, None, None, "relu", "sigmoid", None)[0],
+                       fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="w1 must have shape"):
+        fn(x, w1, w2)
+
+
+@pytest.mark.parametrize("op", _forward_ops(), ids=str)
+def test_direct_op_call_follows_autocast(op):
+    """torch.ops.se_kernels.se_forward itself (not only fused_se) computes in the autocast dtype,
+    and float64 is left alone, as autocast does."""
+    t = make_inputs(Case((2, 8, 3, 3), 2), torch.float32, fresh_seed())
+    args = (t["x"], t["w1"], t["b1"], t["w2"], t["b2"], None, "relu", "sigmoid", None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = op(*args)[0]
+        y64 = op(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))[0]
+    assert y.dtype == torch.bfloat16 and y64.dtype == torch.float64
+    expected = op(*(a.bfloat16() if isinstance(a, torch.Tensor) else a for a in args))[0]
+    assert torch.equal(y, expected)
+
+
+def test_import_is_light():
+    """`import se_kernels` must not import torch._dynamo (~1 s) or, on a machine where the Triton
+    backend cannot run, Triton (~0.4 s); and it costs at most 0.3 s beyond `import torch`
+    (asserted with a 2x margin, medians of 3 runs: the machine may be busy)."""
+    code = textwrap.dedent(
+        """
+        import sys, time
+        t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
+        import se_kernels; t2 = time.perf_counter()
+        print(t2 - t1, "torch._dynamo" in sys.modules, "triton" in sys.modules)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        seconds, dynamo, triton = out.stdout.split()
+        assert dynamo == "False", "import se_kernels imported torch._dynamo"
+        assert triton == "False", "import se_kernels imported Triton on a machine that cannot run it"
+        runs.append(float(seconds))
+    assert sorted(runs)[1] < 0.6, f"import se_kernels took {sorted(runs)[1]:.2f} s beyond import torch"

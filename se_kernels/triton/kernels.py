@@ -72,7 +72,8 @@ def _gate_grad(u, g, GATE: tl.constexpr):
     if GATE == 0:
         return g * (1.0 - g)
     else:
-        return tl.where((u > -3.0) & (u < 3.0), 1.0 / 6.0, 0.0)
+        # divide in u's dtype: the literal 1.0 / 6.0 would be a float32 constant, 3e-8 off in float64
+        return tl.where((u > -3.0) & (u < 3.0), 1.0, 0.0).to(u.dtype) / 6.0
 
 
 # ---- the relu mask -------------------------------------------------------------------------

@@ -37,8 +37,11 @@ class Geometry:
         n, c, h, w = x.shape
         self.N, self.C, self.S, self.L = n, c, squeeze, h * w
         self.pixel_rows = ops.uses_pixel_rows(x)
-        # (N, C, L) strides; with H*W merged, the pixel stride is W's
-        self.strides = (x.stride(0), x.stride(1), x.stride(3))
+        # (N, C, L) element strides from the layout rule, never from x.stride(): PyTorch calls a
+        # tensor contiguous (or channels_last) whatever the strides of its size-1 dimensions are,
+        # e.g. a (N, L, C) sequence viewed as (N, C, L, 1) has any stride(3). The memory is dense
+        # in the canonical order all the same, and so is every tensor allocated like x.
+        self.strides = (self.C * self.L, 1, self.C) if self.pixel_rows else (self.C * self.L, self.L, 1)
         row_len = self.C if self.pixel_rows else self.L
         self.row_bytes = (row_len + 7) // 8
         self.out_relu = out_relu

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..differentiable import se_backward_differentiable
 from . import launch
 
 
@@ -43,24 +44,67 @@ def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, residual, activation, gate, out_activation = inputs
     _, pooled, hidden, gate_logits, relu_mask = output
     ctx.mark_non_differentiable(pooled, hidden, gate_logits, relu_mask)
-    ctx.save_for_backward(x, w1, w2, pooled, hidden, gate_logits, relu_mask)
+    ctx.save_for_backward(x, w1, w2, pooled, hidden, gate_logits, relu_mask, b1, b2)
     ctx.options = (activation, gate, out_activation)
 
 
 def _backward(ctx, grad_y, *_unused_aux_grads):
-    """The same formula as csrc/se_autograd.cpp."""
-    x, w1, w2, pooled, hidden, gate_logits, relu_mask = ctx.saved_tensors
+    """The same formula as csrc/se_autograd.cpp: the fused backward kernels, or with
+    create_graph=True (grad mode on) the differentiable formula (se_kernels/differentiable.py)."""
+    x, w1, w2, pooled, hidden, gate_logits, relu_mask, b1, b2 = ctx.saved_tensors
     activation, gate, out_activation = ctx.options
     need = ctx.needs_input_grad
     grad_y = ops.like_layout(grad_y, x)
-    grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual = triton_se_backward(
-        grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
-        need[0], need[5],
-    )
-    if need[5] and out_activation is None:
-        grad_residual = grad_y  # y = x * g + residual
-    grads = (grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual)
+    if torch.is_grad_enabled():
+        grads = se_backward_differentiable(grad_y, x, w1, b1, w2, b2, relu_mask, activation, gate, out_activation)
+    else:
+        grads = triton_se_backward(
+            grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation, gate, out_activation,
+            need[0], need[5],
+        )
+        if need[5] and out_activation is None:
+            grads = grads[:5] + (grad_y,)  # y = x * g + residual
     return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None, None, None)
 
 
+def _not_differentiable(ctx, *grads):
+    raise RuntimeError(
+        "se_kernels::triton_se_backward is not differentiable; second-order gradients go through "
+        "se_kernels::se_backward_differentiable (a backward run with create_graph=True)"
+    )
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
 triton_se_forward.register_autograd(_backward, setup_context=_setup_context)
+triton_se_backward.register_autograd(_not_differentiable, setup_context=_setup_nothing)
+
+
+# Autocast, as csrc/se_autocast.cpp does for se_forward: the op computes in the autocast dtype
+# (read at call time; torch.library.register_autocast takes one fixed dtype). CPU too, for the
+# interpreter.
+_autocast_lib = torch.library.Library("se_kernels", "FRAGMENT")
+
+
+def _autocast_kernel(device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + device_type.upper())
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a):
+            eligible = (isinstance(a, Tensor) and a.device.type == device_type
+                        and a.dtype in (torch.float32, torch.float16, torch.bfloat16))
+            return a.to(dtype) if eligible else a
+
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.se_kernels.triton_se_forward.default(*(cast(a) for a in args))
+
+    return kernel
+
+
+for _device_type in ("cpu", "cuda"):
+    _autocast_lib.impl("triton_se_forward", _autocast_kernel(_device_type), "Autocast" + _device_type.upper(),
+                       with_keyset=True)
