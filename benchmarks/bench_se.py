@@ -426,6 +426,9 @@ def check_against_eager(modules: Dict[str, nn.Module], inputs: Inputs, mode: str
 # Timing and memory
 
 
+L2_FLUSH_BYTES = 256 * 2**20  # over any GPU's L2 (H100/H200: 50 MB)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -434,9 +437,14 @@ def synchronize(device: torch.device) -> None:
 def measure(workloads: Dict[str, Workload], rounds: int, device: torch.device) -> Dict[str, List[float]]:
     """Per-call seconds of each workload over `rounds` interleaved rounds; round r runs every
     workload once, starting at the r-th (rotating order). CPU: time.perf_counter around the
-    call. CUDA: events around the call on the current stream, read after each round."""
+    call. CUDA: events around the call on the current stream (after an L2 flush), read after
+    each round."""
     names = list(workloads)
     times: Dict[str, List[float]] = {name: [] for name in names}
+    # On a GPU, every call starts with a cold L2 (as triton.testing.do_bench does): a write of
+    # L2_FLUSH_BYTES before the start event evicts what the previous call left, or the smaller
+    # shapes (4 MiB CIFAR maps) would time at L2 speed. Not counted: it precedes the event.
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
     for r in range(rounds):
         shift = r % len(names)
         order = names[shift:] + names[:shift]
@@ -445,6 +453,7 @@ def measure(workloads: Dict[str, Workload], rounds: int, device: torch.device) -
             for name in order:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 workloads[name].prepare()
+                flush.zero_()
                 start.record()
                 workloads[name].run()
                 end.record()

@@ -46,9 +46,15 @@ def uses_pixel_rows(x: torch.Tensor) -> bool:
 
 
 def as_kernel_layout(x: torch.Tensor) -> torch.Tensor:
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+    """x itself if the kernels can walk it, else a copy they can: NCHW, or channels_last when
+    H*W == 1 (pixel rows; note an empty tensor is NCHW-contiguous whatever its strides, but
+    not necessarily channels_last-contiguous)."""
+    one_pixel = x.shape[2] * x.shape[3] == 1
+    if not one_pixel and x.is_contiguous():
         return x
-    return x.contiguous()
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous(memory_format=torch.channels_last) if one_pixel else x.contiguous()
 
 
 def like_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,7 @@ def check_forward_args(x, w1, b1, w2, b2, residual) -> None:
     n, c, h, w = x.shape
     torch._check_value(c >= 1 and h * w >= 1, lambda: f"se_kernels: x needs C >= 1 and H*W >= 1; got shape {list(x.shape)}")
     torch._check(
-        x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last),
+        x.is_contiguous(memory_format=torch.channels_last if uses_pixel_rows(x) else torch.contiguous_format),
         lambda: f"se_kernels: x must be NCHW-contiguous or channels_last-contiguous; got strides {list(x.stride())}",
     )
     torch._check_value(w1.dim() == 2 and w1.shape[1] == c and w1.shape[0] >= 1,

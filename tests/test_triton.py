@@ -221,3 +221,36 @@ def capture_and_replay(backend: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture_and_replay(plan):
     capture_and_replay("triton")
+
+
+# (N, C, H, W) at the edges of what a GPU holds: N up to 2^20, H*W up to 4096^2, C up to 8192.
+LARGE_SHAPES = [(2**20, 8, 2, 2), (2**20, 64, 1, 1), (1, 16, 4096, 4096), (2, 8192, 7, 7), (1, 8192, 64, 64),
+                (4, 2048, 4096, 4096), (1, 8192, 4096, 4096)]
+
+
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+def test_launch_plan_grid_limits(shape, channels_last, backward):
+    """Every grid is 1-D (CUDA's y and z stop at 65535, x at 2^31 - 1), and the elementwise and
+    channel-sum grids cover every (sample, channel block, pixel block) tile; checked on meta
+    tensors as an H200 (132 SMs) would plan them. Offsets within a sample switch to int64
+    (WIDE) when C*H*W reaches 2^31."""
+    from se_kernels.triton import launch
+    import triton
+
+    x = torch.empty(shape, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = shape
+    g = launch.Geometry(x, max(1, c // 16), out_relu=True)
+    plan = launch.Plan(g, backward=backward, sm_count=132)
+    for name, grid in plan.grids.items():
+        assert len(grid) == 1 and 1 <= grid[0] <= launch.GRID_X_MAX, (name, grid)
+    if not plan.fused:
+        c_blocks = triton.cdiv(c, plan.block_c)
+        elementwise = "se_grad_input_kernel" if backward else "se_scale_kernel"
+        assert plan.grids[elementwise][0] == n * c_blocks * triton.cdiv(h * w, plan.block_l)
+        assert plan.grids["channel_sums_kernel"][0] == n * c_blocks * plan.splits
+        assert plan.splits * plan.per_split >= h * w and plan.per_split % plan.block_l == 0
+    assert g.wide == (c * h * w >= 2**31)

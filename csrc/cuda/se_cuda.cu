@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../se_common.h"
 
@@ -100,16 +101,17 @@ Layout make_layout(const Geometry& g) {
 
 // ---- kernels -----------------------------------------------------------------------------------
 
-// partial[n, split, c] = sum over the split's pixels of x (dot: of dy' * x). Grid (channel
-// blocks, splits, N). NCHW: one warp per channel, lanes along the (contiguous) pixels.
+// partial[n, split, c] = sum over the split's pixels of x (dot: of dy' * x). 1-D grid over
+// (N, splits, channel blocks), channel blocks fastest: only grid.x may exceed 65535 blocks. NCHW: one warp per channel, lanes along the (contiguous) pixels.
 // channels_last: 32 channels per block along x (contiguous), 8 pixel lanes along y, reduced
 // through shared memory in a fixed order.
 template <typename T, typename A>
 __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                     const uint8_t* __restrict__ mask, A* __restrict__ partial, Layout lay,
-                                    int64_t per_split, int splits, bool dot, bool masked) {
-  const int64_t n = blockIdx.z;
-  const int split = blockIdx.y;
+                                    int64_t per_split, int splits, int64_t cblocks, bool dot, bool masked) {
+  const int64_t block = blockIdx.x % cblocks;
+  const int64_t n = blockIdx.x / cblocks / splits;
+  const int split = static_cast<int>(blockIdx.x / cblocks % splits);
   const int64_t l_begin = split * per_split, l_end = min(lay.L, l_begin + per_split);
   auto term = [&](int64_t c, int64_t l) {
     const int64_t o = lay.offset(n, c, l);
@@ -123,7 +125,7 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
   };
   if (!lay.pixel_rows) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t c = int64_t(blockIdx.x) * kWarps + warp;
+    const int64_t c = block * kWarps + warp;
     if (c >= lay.C) return;
     A acc = 0;
     for (int64_t l = l_begin + lane; l < l_end; l += 32) acc += term(c, l);
@@ -132,7 +134,7 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
   } else {
     __shared__ A sums[8][32];
     const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
-    const int64_t c = int64_t(blockIdx.x) * 32 + tx;
+    const int64_t c = block * 32 + tx;
     A acc = 0;
     if (c < lay.C)
       for (int64_t l = l_begin + ty; l < l_end; l += 8) acc += term(c, l);
@@ -269,14 +271,16 @@ __global__ void grad_input_kernel(const T* __restrict__ dy, const uint8_t* __res
 }
 
 // dW2[c, s] = sum_n dz2[n, c] act(hidden[n, s]), dW1[s, c] = sum_n dz1[n, s] pooled[n, c],
-// db2 = sum_n dz2, db1 = sum_n dz1: one thread per (c, s), the batch summed in order.
+// db2 = sum_n dz2, db1 = sum_n dz1: one thread per (c, s), the batch summed in order. 1-D grid
+// over (S, channel blocks), channel blocks fastest.
 template <typename T, typename A>
 __global__ void weight_grads_kernel(const A* __restrict__ dz1, const A* __restrict__ dz2,
                                     const A* __restrict__ hidden, const A* __restrict__ pooled, T* __restrict__ dw1,
                                     T* __restrict__ db1, T* __restrict__ dw2, T* __restrict__ db2, int64_t N, int64_t C,
                                     int64_t S, int act) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t s = blockIdx.y;
+  const int64_t cblocks = (C + blockDim.x - 1) / blockDim.x;
+  const int64_t c = int64_t(blockIdx.x % cblocks) * blockDim.x + threadIdx.x;
+  const int64_t s = blockIdx.x / cblocks;
   if (c >= C) return;
   A w2 = 0, w1 = 0, b2 = 0, b1 = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -293,6 +297,13 @@ __global__ void weight_grads_kernel(const A* __restrict__ dz1, const A* __restri
 }
 
 // ---- host ----------------------------------------------------------------------------------------
+
+// A 1-D grid of `blocks` blocks (grid.x allows 2^31 - 1; y and z only 65535).
+unsigned int grid_1d(int64_t blocks) {
+  TORCH_CHECK(blocks >= 1 && blocks <= std::numeric_limits<int32_t>::max(), "se_kernels: a launch would need ",
+              blocks, " blocks, over CUDA's grid limit");
+  return static_cast<unsigned int>(blocks);
+}
 
 int activation_code(Act a) {
   return static_cast<int>(a);
@@ -369,12 +380,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_forward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    const dim3 sums_grid(cblocks, sp.splits, g.N);
-    channel_sums_kernel<scalar_t, A><<<sums_grid, kThreads, 0, stream>>>(
+    channel_sums_kernel<scalar_t, A><<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), lay, sp.per_split,
-        sp.splits, false, false);
+        sp.splits, cblocks, false, false);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    excite_kernel<scalar_t, A><<<g.N, kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
+    excite_kernel<scalar_t, A><<<grid_1d(g.N), kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
         partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(),
         b1c.defined() ? b1c.const_data_ptr<scalar_t>() : nullptr, w2.const_data_ptr<scalar_t>(),
         b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr, pooled.mutable_data_ptr<A>(),
@@ -382,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
         sp.splits, activation_code(act), gate_code(gt));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t rows = g.N * g.rows, warps = rows * ((g.row_len + 31) / 32);
-    scale_kernel<scalar_t, A><<<(warps * 32 + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+    scale_kernel<scalar_t, A><<<grid_1d((warps * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr,
         y.mutable_data_ptr<scalar_t>(), out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr,
         gates.const_data_ptr<A>(), lay, rows, out_relu);
@@ -427,12 +437,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const uint8_t* mask = out_relu ? relu_mask.const_data_ptr<uint8_t>() : nullptr;
-    const dim3 sums_grid(cblocks, sp.splits, g.N);
-    channel_sums_kernel<scalar_t, A><<<sums_grid, kThreads, 0, stream>>>(
+    channel_sums_kernel<scalar_t, A><<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(), lay,
-        sp.per_split, sp.splits, true, out_relu);
+        sp.per_split, sp.splits, cblocks, true, out_relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    excite_backward_kernel<scalar_t, A><<<g.N, kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
+    excite_backward_kernel<scalar_t, A><<<grid_1d(g.N), kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
         partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>(),
         hidden.const_data_ptr<A>(), logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(),
         dz2.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(), dp.mutable_data_ptr<A>(), g.C, g.S, g.L, sp.splits,
@@ -440,14 +449,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_grad_x || need_grad_residual) {
       const int64_t numel = x.numel();
-      grad_input_kernel<scalar_t, A><<<(numel + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      grad_input_kernel<scalar_t, A><<<grid_1d((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
           grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(),
           need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
           need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr, lay, numel, out_relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    const dim3 wgrid((g.C + kThreads - 1) / kThreads, g.S);
-    weight_grads_kernel<scalar_t, A><<<wgrid, kThreads, 0, stream>>>(
+    weight_grads_kernel<scalar_t, A><<<grid_1d((g.C + kThreads - 1) / kThreads * g.S), kThreads, 0, stream>>>(
         dz1.const_data_ptr<A>(), dz2.const_data_ptr<A>(), hidden.const_data_ptr<A>(), pooled.const_data_ptr<A>(),
         grad_w1.mutable_data_ptr<scalar_t>(), grad_b1.mutable_data_ptr<scalar_t>(),
         grad_w2.mutable_data_ptr<scalar_t>(), grad_b2.mutable_data_ptr<scalar_t>(), g.N, g.C, g.S,

@@ -180,16 +180,25 @@ def _excite_backward(dz2, n, c, c_ok, w1_ptr, w2_ptr, hidden_ptr, dz1_ptr, C, S,
 
 
 @triton.jit
-def _reversed_tile(BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """(n, channel indices, pixel indices) of this program in a (N, C blocks, L blocks) grid,
-    last program first. The split plans read x (dy) twice: channel_sums_kernel walks it in
-    grid order, then the scale (grad-input) pass walks it again. GPUs start programs roughly
-    in grid order, so walking the second pass backwards first reads what the first pass read
-    last, the part most likely still in L2. Only the order changes: every program still
-    writes its own tile, and the results are the same bits."""
-    n = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
-    c = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_C + tl.arange(0, BLOCK_C)
-    l = (tl.num_programs(2) - 1 - tl.program_id(2)) * BLOCK_L + tl.arange(0, BLOCK_L)
+def _reversed_tile(C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr):
+    """(n, channel indices, pixel indices) of this program in a 1-D grid over (N, C blocks,
+    L blocks) tiles (pixel blocks fastest), last tile first. The grid is 1-D because only its x
+    dimension may exceed 65535 programs (N up to 2^20, H*W up to 4096^2). The split plans read
+    x (dy) twice: channel_sums_kernel walks it in grid order, then the scale (grad-input) pass
+    walks it again. GPUs start programs roughly in grid order, so walking the second pass
+    backwards first reads what the first pass read last, the part most likely still in L2.
+    Only the order changes: every program still writes its own tile, and the results are the
+    same bits. WIDE (C * L >= 2^31): channel and pixel indices in int64, so that offsets
+    within one sample do not overflow."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    l_blocks = tl.cdiv(L, BLOCK_L)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = (tile // (l_blocks * c_blocks)).to(tl.int64)
+    c = (tile // l_blocks) % c_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = tile % l_blocks * BLOCK_L + tl.arange(0, BLOCK_L)
+    if WIDE:
+        c = c.to(tl.int64)
+        l = l.to(tl.int64)
     return n, c, l
 
 
@@ -269,19 +278,24 @@ def channel_sums_kernel(
     partial_ptr,  # (N, SPLITS, C) in ACC
     C, L, s_n, s_c, s_l, row_bytes, pixels_per_split, SPLITS,
     DOT: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """partial[n, split, c] = sum over the split's pixels of x (DOT: of dy' * x). Grid
-    (N, C blocks, SPLITS); pixels_per_split is a multiple of BLOCK_L."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
+    """partial[n, split, c] = sum over the split's pixels of x (DOT: of dy' * x). 1-D grid over
+    (N, C blocks, SPLITS), splits fastest; pixels_per_split is a multiple of BLOCK_L."""
+    pid = tl.program_id(0)
+    split = pid % SPLITS
+    c = (pid // SPLITS) % tl.cdiv(C, BLOCK_C) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = (pid // (SPLITS * tl.cdiv(C, BLOCK_C))).to(tl.int64)
+    if WIDE:  # C * L >= 2^31: offsets within a sample in int64
+        c = c.to(tl.int64)
     c_ok = c < C
     first = split * pixels_per_split
     last = tl.minimum(first + pixels_per_split, L)
     acc = tl.zeros([BLOCK_C, BLOCK_L], ACC)
     for l0 in range(first, last, BLOCK_L):
         l = l0 + tl.arange(0, BLOCK_L)
+        if WIDE:
+            l = l.to(tl.int64)
         inside = c_ok[:, None] & (l < last)[None, :]
         offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
@@ -323,11 +337,11 @@ def se_scale_kernel(
     gates_ptr,  # (N, C) in ACC
     C, L, s_n, s_c, s_l, row_bytes,
     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """y = out_act(x * g + residual), grid (N, C blocks, L blocks), walked backwards (see
-    _reversed_tile)."""
-    n, c, l = _reversed_tile(BLOCK_C, BLOCK_L)
+    """y = out_act(x * g + residual), 1-D grid over (N, C blocks, L blocks) tiles, walked
+    backwards (see _reversed_tile)."""
+    n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
     c_ok = c < C
     inside = c_ok[:, None] & (l < L)[None, :]
     offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
@@ -398,11 +412,11 @@ def se_grad_input_kernel(
     gates_ptr, dp_ptr,  # (N, C) in ACC
     C, L, s_n, s_c, s_l, row_bytes,
     OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """grad_x = dy' * g + dp and grad_residual = dy', grid (N, C blocks, L blocks), walked
-    backwards (see _reversed_tile)."""
-    n, c, l = _reversed_tile(BLOCK_C, BLOCK_L)
+    """grad_x = dy' * g + dp and grad_residual = dy', 1-D grid over (N, C blocks, L blocks)
+    tiles, walked backwards (see _reversed_tile)."""
+    n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
     c_ok = c < C
     inside = c_ok[:, None] & (l < L)[None, :]
     offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
@@ -421,9 +435,10 @@ def se_weight_grads_kernel(
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dW2 = dz2^T act(hidden), dW1 = dz1^T pooled, db2 = sum dz2, db1 = sum dz1 for one
-    (C block, S block), adding the samples in order: deterministic. Grid (C blocks, S blocks)."""
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    (C block, S block), adding the samples in order: deterministic. 1-D grid over (S blocks,
+    C blocks), C blocks fastest."""
+    pid_c = tl.program_id(0) % tl.cdiv(C, BLOCK_C)
+    pid_s = tl.program_id(0) // tl.cdiv(C, BLOCK_C)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c_ok = c < C

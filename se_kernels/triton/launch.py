@@ -6,6 +6,7 @@ residual and grad_y NCHW- or channels_last-contiguous with equal strides.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -52,6 +53,8 @@ class Geometry:
         self.block_c_all = max(_pow2(self.C), self.min_c)
         self.block_l_all = max(_pow2(self.L), self.min_l)
         self.block_s = max(1, min(_pow2(self.S), MLP_TILE_ELEMENTS // self.block_c_all))
+        # offsets within one sample need int64 (the kernels' WIDE flag)
+        self.wide = self.C * self.L >= 2**31
 
     def fused(self, limit: int) -> bool:
         return self.block_c_all * self.block_l_all <= limit
@@ -66,36 +69,97 @@ class Geometry:
             block_c = max(TILE_ELEMENTS // block_l, self.min_c)
         return min(block_c, max(_pow2(self.C), self.min_c)), min(block_l, max(_pow2(self.L), self.min_l))
 
-    def splits(self, block_c: int, block_l: int, device: torch.device):
+    def splits(self, block_c: int, block_l: int, sm_count: int):
         """How many programs share each (sample, channel block)'s pixels, and the pixels each
-        takes (a multiple of block_l): enough programs to fill the GPU."""
+        takes (a multiple of block_l): enough programs to fill the GPU (4 per SM; sm_count 0:
+        no split, the interpreter)."""
         l_blocks = triton.cdiv(self.L, block_l)
-        if device.type == "cuda":
-            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            target = 1
+        target = 4 * sm_count
         programs = self.N * triton.cdiv(self.C, block_c)
         splits = max(1, min(l_blocks, triton.cdiv(target, max(programs, 1))))
         per_split = triton.cdiv(l_blocks, splits) * block_l
         return triton.cdiv(self.L, per_split), per_split
 
 
+# CUDA grids: x up to 2^31 - 1 programs, y and z up to 65535. Every grid here is 1-D, its size
+# a product of the problem's sizes, so only x grows with N, C, S or H*W.
+GRID_X_MAX = 2**31 - 1
+
+
+class Plan:
+    """The launch plan of one call: fused or split, the split plan's tile and pixel splits, and
+    every kernel's grid (name -> 1-D grid). Shapes only: it runs on meta tensors too, which is
+    how tests/test_triton.py checks the grid limits for sizes no test could allocate."""
+
+    def __init__(self, g: Geometry, backward: bool, sm_count: int):
+        self.fused = g.fused(FUSED_BACKWARD_ELEMENTS if backward else FUSED_FORWARD_ELEMENTS)
+        self.block_c, self.block_l = g.tile()
+        self.splits, self.per_split = g.splits(self.block_c, self.block_l, sm_count)
+        c_blocks = triton.cdiv(g.C, self.block_c)
+        self.wgrad_block_c = min(_pow2(g.C), 64)
+        self.wgrad_block_s = min(_pow2(g.S), 64)
+        if self.fused:
+            self.grids = {("se_backward_fused_kernel" if backward else "se_forward_fused_kernel"): (g.N,)}
+        else:
+            self.grids = {
+                "channel_sums_kernel": (g.N * c_blocks * self.splits,),
+                ("se_excite_backward_kernel" if backward else "se_excite_kernel"): (g.N,),
+                ("se_grad_input_kernel" if backward else "se_scale_kernel"):
+                    (g.N * c_blocks * triton.cdiv(g.L, self.block_l),),
+            }
+        if backward:
+            self.grids["se_weight_grads_kernel"] = (
+                triton.cdiv(g.C, self.wgrad_block_c) * triton.cdiv(g.S, self.wgrad_block_s),)
+        for name, grid in self.grids.items():
+            if grid[0] > GRID_X_MAX:
+                raise ValueError(f"se_kernels: {name} would need {grid[0]} programs, over CUDA's grid limit")
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (cached: the query costs microseconds a call); 0
+    for CPU tensors (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def _warps(elements: int) -> int:
     return 8 if elements >= 8192 else 4
 
 
-def _channel_sums(g: Geometry, x, dy, mask_arg, dot: bool, dtype: torch.dtype):
+def _channel_sums(g: Geometry, plan: Plan, x, dy, mask_arg, dot: bool, dtype: torch.dtype):
     """The split plans' first pass: partial (N, splits, C) pixel sums of x (dot: of dy' * x,
-    dy' = dy masked by the relu mask), and the (BLOCK_C, BLOCK_L) tile it used."""
-    block_c, block_l = g.tile()
-    splits, per_split = g.splits(block_c, block_l, x.device)
-    partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=dtype)
-    kernels.channel_sums_kernel[(g.N, triton.cdiv(g.C, block_c), splits)](
-        x, dy, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, per_split, splits,
-        DOT=dot, OUT_RELU=dot and g.out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=block_c,
-        BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
+    dy' = dy masked by the relu mask)."""
+    partial = torch.empty((g.N, plan.splits, g.C), device=x.device, dtype=dtype)
+    _k(kernels.channel_sums_kernel)[plan.grids["channel_sums_kernel"]](
+        x, dy, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, plan.per_split, plan.splits,
+        DOT=dot, OUT_RELU=dot and g.out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=plan.block_c,
+        BLOCK_L=plan.block_l, WIDE=g.wide, num_warps=_warps(plan.block_c * plan.block_l),
     )
-    return partial, splits, block_c, block_l
+    return partial
+
+
+# Set by se_kernels/triton/op.py: launch through torch.library.wrap_triton (the ops are
+# triton_ops, traced by torch.compile) or call the kernels directly (custom ops, interpreter).
+WRAP_TRITON = False
+
+
+def _k(kernel):
+    return torch.library.wrap_triton(kernel) if WRAP_TRITON else kernel
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device and its current stream: make x's current
+    (only where there is another device to be on; tracing on fake CUDA tensors needs no GPU)."""
+    if x.is_cuda and torch.cuda.device_count() > 1:
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activation: Optional[str]):
@@ -106,6 +170,7 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
     g = Geometry(x, w1.shape[0], out_relu)
     if g.N == 0:
         return y, pooled, hidden, logits, mask
+    plan = Plan(g, backward=False, sm_count=sm_count(x.device))
     w1, w2 = w1.contiguous(), w2.contiguous()
     flags = dict(
         HAS_RES=residual is not None, OUT_RELU=out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc,
@@ -116,24 +181,26 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
     mask_arg = mask if out_relu else y
     b1_arg = b1 if b1 is not None else w1
     b2_arg = b2 if b2 is not None else w2
-    if g.fused(FUSED_FORWARD_ELEMENTS):
-        kernels.se_forward_fused_kernel[(g.N,)](
-            x, res, y, mask_arg, w1, b1_arg, w2, b2_arg, pooled, hidden, logits,
-            g.C, g.S, g.L, *g.strides, g.row_bytes,
-            **mlp, **flags, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all, BLOCK_S=g.block_s,
-            num_warps=_warps(g.block_c_all * g.block_l_all),
+    with _on_device(x):
+        if plan.fused:
+            _k(kernels.se_forward_fused_kernel)[plan.grids["se_forward_fused_kernel"]](
+                x, res, y, mask_arg, w1, b1_arg, w2, b2_arg, pooled, hidden, logits,
+                g.C, g.S, g.L, *g.strides, g.row_bytes,
+                **mlp, **flags, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all, BLOCK_S=g.block_s,
+                num_warps=_warps(g.block_c_all * g.block_l_all),
+            )
+            return y, pooled, hidden, logits, mask
+        partial = _channel_sums(g, plan, x, x, mask_arg, dot=False, dtype=pooled.dtype)
+        gates = torch.empty_like(pooled)
+        _k(kernels.se_excite_kernel)[plan.grids["se_excite_kernel"]](
+            partial, w1, b1_arg, w2, b2_arg, pooled, hidden, logits, gates, g.C, g.S, g.L, plan.splits,
+            **mlp, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s, num_warps=_warps(MLP_TILE_ELEMENTS),
         )
-        return y, pooled, hidden, logits, mask
-    partial, splits, block_c, block_l = _channel_sums(g, x, x, mask_arg, dot=False, dtype=pooled.dtype)
-    gates = torch.empty_like(pooled)
-    kernels.se_excite_kernel[(g.N,)](
-        partial, w1, b1_arg, w2, b2_arg, pooled, hidden, logits, gates, g.C, g.S, g.L, splits,
-        **mlp, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s, num_warps=_warps(MLP_TILE_ELEMENTS),
-    )
-    kernels.se_scale_kernel[(g.N, triton.cdiv(g.C, block_c), triton.cdiv(g.L, block_l))](
-        x, res, y, mask_arg, gates, g.C, g.L, *g.strides, g.row_bytes,
-        **flags, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
-    )
+        _k(kernels.se_scale_kernel)[plan.grids["se_scale_kernel"]](
+            x, res, y, mask_arg, gates, g.C, g.L, *g.strides, g.row_bytes,
+            **flags, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, WIDE=g.wide,
+            num_warps=_warps(plan.block_c * plan.block_l),
+        )
     return y, pooled, hidden, logits, mask
 
 
@@ -150,6 +217,7 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
         for t in (grad_w1, grad_b1, grad_w2, grad_b2):
             t.zero_()
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual
+    plan = Plan(g, backward=True, sm_count=sm_count(x.device))
     w1, w2 = w1.contiguous(), w2.contiguous()
     need_dres = need_grad_residual and out_relu
     dz1 = torch.empty_like(hidden)
@@ -158,33 +226,33 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
     dx_arg = grad_x if need_grad_x else grad_y
     dres_arg = grad_residual if need_dres else grad_y
     act = ACTIVATION_CODES[activation]
-    if g.fused(FUSED_BACKWARD_ELEMENTS):
-        kernels.se_backward_fused_kernel[(g.N,)](
-            grad_y, x, mask_arg, dx_arg, dres_arg, w1, w2, hidden, gate_logits, dz1, dz2,
-            g.C, g.S, g.L, *g.strides, g.row_bytes,
-            ACT=act, GATE=GATE_CODES[gate], OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres,
-            PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all, BLOCK_S=g.block_s,
-            num_warps=_warps(2 * g.block_c_all * g.block_l_all),
-        )
-    else:
-        partial, splits, block_c, block_l = _channel_sums(g, x, grad_y, mask_arg, dot=True, dtype=pooled.dtype)
-        gates = torch.empty_like(pooled)
-        dp = torch.empty_like(pooled)
-        kernels.se_excite_backward_kernel[(g.N,)](
-            partial, w1, w2, hidden, gate_logits, dz1, dz2, gates, dp, g.C, g.S, g.L, splits,
-            ACT=act, GATE=GATE_CODES[gate], ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s,
-            num_warps=_warps(MLP_TILE_ELEMENTS),
-        )
-        if need_grad_x or need_dres:
-            kernels.se_grad_input_kernel[(g.N, triton.cdiv(g.C, block_c), triton.cdiv(g.L, block_l))](
-                grad_y, mask_arg, dx_arg, dres_arg, gates, dp, g.C, g.L, *g.strides, g.row_bytes,
-                OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres, PIXEL_ROWS=g.pixel_rows,
-                ACC=g.acc, BLOCK_C=block_c, BLOCK_L=block_l, num_warps=_warps(block_c * block_l),
+    with _on_device(x):
+        if plan.fused:
+            _k(kernels.se_backward_fused_kernel)[plan.grids["se_backward_fused_kernel"]](
+                grad_y, x, mask_arg, dx_arg, dres_arg, w1, w2, hidden, gate_logits, dz1, dz2,
+                g.C, g.S, g.L, *g.strides, g.row_bytes,
+                ACT=act, GATE=GATE_CODES[gate], OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres,
+                PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all,
+                BLOCK_S=g.block_s, num_warps=_warps(2 * g.block_c_all * g.block_l_all),
             )
-    block_c = min(_pow2(g.C), 64)
-    block_s = min(_pow2(g.S), 64)
-    kernels.se_weight_grads_kernel[(triton.cdiv(g.C, block_c), triton.cdiv(g.S, block_s))](
-        dz1, dz2, hidden, pooled, grad_w1, grad_b1, grad_w2, grad_b2, g.N, g.C, g.S,
-        ACT=act, ACC=g.acc, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
-    )
+        else:
+            partial = _channel_sums(g, plan, x, grad_y, mask_arg, dot=True, dtype=pooled.dtype)
+            gates = torch.empty_like(pooled)
+            dp = torch.empty_like(pooled)
+            _k(kernels.se_excite_backward_kernel)[plan.grids["se_excite_backward_kernel"]](
+                partial, w1, w2, hidden, gate_logits, dz1, dz2, gates, dp, g.C, g.S, g.L, plan.splits,
+                ACT=act, GATE=GATE_CODES[gate], ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s,
+                num_warps=_warps(MLP_TILE_ELEMENTS),
+            )
+            if need_grad_x or need_dres:
+                _k(kernels.se_grad_input_kernel)[plan.grids["se_grad_input_kernel"]](
+                    grad_y, mask_arg, dx_arg, dres_arg, gates, dp, g.C, g.L, *g.strides, g.row_bytes,
+                    OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres, PIXEL_ROWS=g.pixel_rows,
+                    ACC=g.acc, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, WIDE=g.wide,
+                    num_warps=_warps(plan.block_c * plan.block_l),
+                )
+        _k(kernels.se_weight_grads_kernel)[plan.grids["se_weight_grads_kernel"]](
+            dz1, dz2, hidden, pooled, grad_w1, grad_b1, grad_w2, grad_b2, g.N, g.C, g.S,
+            ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s, num_warps=4,
+        )
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual

@@ -1,13 +1,17 @@
-"""The Triton backend as torch.library custom ops, se_kernels::triton_se_forward and
+"""The Triton backend as torch.library ops, se_kernels::triton_se_forward and
 se_kernels::triton_se_backward, with se_forward/se_backward's signatures and contracts
 (csrc/se.cpp; a test checks the schemas agree), the shared fake kernels, and autograd.
 
-Custom ops are opaque to torch.compile (fullgraph works, no graph break) and capturable in CUDA
-graphs (no host synchronisation; outputs come from the caching allocator).
+On a GPU they are `torch.library.triton_op`s whose launches go through `wrap_triton`, so
+torch.compile traces into them: Inductor sees the Triton kernels themselves (it schedules them,
+puts them in CUDA graphs, and AOTInductor packages them for a server without Python). Under
+TRITON_INTERPRET=1 (CPU tensors, for tests) or a torch without triton_op they are plain
+custom ops, opaque to the compiler: the interpreter's kernels cannot be traced.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -18,7 +22,17 @@ from ..differentiable import se_backward_differentiable
 from . import launch
 
 
-@torch.library.custom_op("se_kernels::triton_se_forward", mutates_args=())
+TRACEABLE = hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1"
+launch.WRAP_TRITON = TRACEABLE
+
+
+def _define(name: str):
+    if TRACEABLE:
+        return torch.library.triton_op(name, mutates_args=())
+    return torch.library.custom_op(name, mutates_args=())
+
+
+@_define("se_kernels::triton_se_forward")
 def triton_se_forward(
     x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], residual: Optional[Tensor],
     activation: str, gate: str, out_activation: Optional[str],
@@ -26,7 +40,7 @@ def triton_se_forward(
     return launch.forward(x, w1, b1, w2, b2, residual, activation, gate, out_activation)
 
 
-@torch.library.custom_op("se_kernels::triton_se_backward", mutates_args=())
+@_define("se_kernels::triton_se_backward")
 def triton_se_backward(
     grad_y: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pooled: Tensor, hidden: Tensor, gate_logits: Tensor,
     relu_mask: Tensor, activation: str, gate: str, out_activation: Optional[str], need_grad_x: bool,
@@ -36,8 +50,10 @@ def triton_se_backward(
                            out_activation, need_grad_x, need_grad_residual)
 
 
-triton_se_forward.register_fake(ops.forward_fake)
-triton_se_backward.register_fake(ops.backward_fake)
+if not TRACEABLE:  # a triton_op's fake kernel is its own body run on fake tensors (which checks
+    # and allocates through ops.forward_fake / ops.backward_fake)
+    triton_se_forward.register_fake(ops.forward_fake)
+    triton_se_backward.register_fake(ops.backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
