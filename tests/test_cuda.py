@@ -10,7 +10,7 @@ import torch
 
 from conftest import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run
 from se_kernels import available_backends, fused_se, ops
-from test_triton import EPILOGUES, ODD, capture_and_replay, check, to_device
+from test_triton import EPILOGUES, ODD, aoti_package_matches_eager, capture_and_replay, check, to_device
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in available_backends("cuda"),
@@ -87,3 +87,7 @@ def test_agrees_with_triton():
     y1, g1 = run(fused_se, inputs, dy, case, backend="cuda")
     y2, g2 = run(fused_se, inputs, dy, case, backend="triton")
     assert rel_err(y1, y2) < 1e-5 and all(rel_err(g1[k], g2[k]) < 1e-5 for k in GRAD_NAMES)
+
+
+def test_aoti_package_gpu(tmp_path):
+    aoti_package_matches_eager("cuda", tmp_path)

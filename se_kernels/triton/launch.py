@@ -21,7 +21,9 @@ GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 
 # Largest (C, H*W) slice (padded to powers of two) one program holds in registers: the fused
 # plans read x (forward) or dy and x (backward) once. Larger slices take the split plan.
-FUSED_FORWARD_ELEMENTS = 16384
+# 16384 forward spilled on sm_80 and sm_90 (255 registers, ~100 B of spills at 256 x 64, 8 warps;
+# benchmarks/results/triton_resources.md).
+FUSED_FORWARD_ELEMENTS = 8192
 FUSED_BACKWARD_ELEMENTS = 8192
 TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kernels
 MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the per-sample MLP
@@ -130,7 +132,9 @@ def sm_count(device: torch.device) -> int:
 
 
 def _warps(elements: int) -> int:
-    return 8 if elements >= 8192 else 4
+    """8 warps from 4096-element tiles on: 4 warps (32 elements a thread) spilled in the scale
+    kernel with the residual + relu epilogue in channels_last (sm_90, 72 registers, 8 B stack)."""
+    return 8 if elements >= 4096 else 4
 
 
 def _channel_sums(g: Geometry, plan: Plan, x, dy, mask_arg, dot: bool, dtype: torch.dtype):
@@ -140,7 +144,7 @@ def _channel_sums(g: Geometry, plan: Plan, x, dy, mask_arg, dot: bool, dtype: to
     _k(kernels.channel_sums_kernel)[plan.grids["channel_sums_kernel"]](
         x, dy, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, plan.per_split, plan.splits,
         DOT=dot, OUT_RELU=dot and g.out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=plan.block_c,
-        BLOCK_L=plan.block_l, WIDE=g.wide, num_warps=_warps(plan.block_c * plan.block_l),
+        BLOCK_L=plan.block_l, WIDE=g.wide, num_warps=4,  # 8 warps spilled 4 B at 48 registers (sm_90)
     )
     return partial
 
