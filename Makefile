@@ -32,8 +32,16 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 
 build: $(VENV)/.built
 
+# The suite, then the whole-model float32 tests again with ATen and oneDNN limited to AVX2: their
+# float32 rounding differs between AVX2 and AVX-512 hosts, and the tolerance must hold on both.
+# With a CUDA toolkit: the CUDA kernels' ptxas resources (fails on spills or stack frames).
 test: build
 	SE_KERNELS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SE_KERNELS_REQUIRE_EXT=1 \
+		$(PY) -m pytest -q -m float32_models tests/test_convert.py
+ifeq ($(FORCE_CUDA),1)
+	$(PY) benchmarks/cuda_resources.py --device-only --check
+endif
 
 bench: build
 	$(PY) benchmarks/bench_se.py $(BENCH_ARGS)
