@@ -58,7 +58,7 @@ if want build; then
     # root finds _C.
     GPU_ARCH=${GPU_ARCH:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)}
     rm -f se_kernels/_C*.so
-    step build 150 build.log env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_ARCH" MAX_JOBS=16 \
+    step build 120 build.log env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$GPU_ARCH" MAX_JOBS=16 \
         $PY setup.py build_ext --inplace
     $PY - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 from se_kernels import available_backends, ops
@@ -71,7 +71,7 @@ if want tests; then
     # opcheck, compile, CUDA graphs, determinism) and the API/conversion tests with a GPU present.
     per_test=""
     $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=100"
-    TAIL=12 step tests 130 tests.log $PY -m pytest -q -p no:cacheprovider $per_test \
+    TAIL=12 step tests 120 tests.log $PY -m pytest -q -p no:cacheprovider $per_test \
         tests/test_cuda.py tests/test_triton.py tests/test_layouts.py tests/test_double_backward.py \
         tests/test_api.py -ra
 fi
@@ -81,7 +81,7 @@ if want sanitizer; then
     # both layouts, the epilogue): compute-sanitizer's memcheck, where the machine has it.
     SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/bin/compute-sanitizer 2>/dev/null || true)
     if [ -n "$SANITIZER" ]; then
-        TAIL=6 step sanitizer 50 sanitizer.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
+        TAIL=6 step sanitizer 40 sanitizer.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
             $PY -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_triton.py -k "odd_sizes or odd_and_real_sizes"
     else
         say "sanitizer: compute-sanitizer not found, skipped"
@@ -92,17 +92,17 @@ fi
 if want op; then
     # ImageNet SE-ResNet-50 sites, float32 and bfloat16, forward and full (training), every
     # provider (eager, compile, triton, cuda); then the EfficientNet-B0 sites in bfloat16.
-    TAIL=30 step bench_op 100 bench_op.log $PY benchmarks/bench_se.py --device cuda \
+    TAIL=30 step bench_op 90 bench_op.log $PY benchmarks/bench_se.py --device cuda \
         --shape-set imagenet-se-resnet50 --dtypes float32 bfloat16 --modes forward full \
         --results-dir "$OUT/results"
-    TAIL=20 step bench_op_effnet 60 bench_op_effnet.log $PY benchmarks/bench_se.py --device cuda \
+    TAIL=20 step bench_op_effnet 50 bench_op_effnet.log $PY benchmarks/bench_se.py --device cuda \
         --shape-set efficientnet-b0 --dtypes float32 bfloat16 --modes forward full --results-dir "$OUT/results"
 fi
 
 if want model; then
     # SE overhead in SE-ResNet-18 (CIFAR, batch 128) / SE-ResNet-50 training, bf16 autocast;
     # no torch.compile variants (minutes of compile per model on a cold cache).
-    TAIL=20 step bench_model 70 bench_model.log $PY benchmarks/bench_model.py --device cuda --amp \
+    TAIL=20 step bench_model 60 bench_model.log $PY benchmarks/bench_model.py --device cuda --amp \
         --no-compile --target-s 3 --csv "$OUT/results/bench_model_cuda.csv" --md "$OUT/results/bench_model_cuda.md"
 fi
 
