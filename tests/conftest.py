@@ -252,8 +252,11 @@ class ModelRule:
     atol: float = 1e-6
 
 
-# Per BatchNorm mode (see assert_float32_model_matches for the measurements behind them).
-FLOAT32_MODEL_RULES = {"eval": ModelRule(rolls=3), "train": ModelRule(rolls=3)}
+# Per BatchNorm mode (see assert_float32_model_matches for the measurements behind them). Train
+# mode with a batch of 2 amplifies rounding through the batch statistics, and for some inputs the
+# converted model's error in an early SE gradient is consistently (in every roll) up to 2.5x the
+# original's: a factor of 2 failed 1 input in 20 there, so train mode allows 4.
+FLOAT32_MODEL_RULES = {"eval": ModelRule(rolls=3, factor=2.0), "train": ModelRule(rolls=3, factor=4.0)}
 
 
 def rounding_rerolls(x: torch.Tensor, rolls: int, seed: int) -> List[torch.Tensor]:

@@ -336,8 +336,10 @@ def drop_last_sample_from_parameter_gradients(module):
 def test_float32_model_rule_rejects_wrong_gradients(mode):
     """The whole-model rule (FLOAT32_MODEL_RULES[mode]) passes the converted model and rejects,
     in every SE parameter and nowhere else, gradients that miss the batch's last sample, or are
-    off by a relative 1e-4 (eval) / 1e-3 (train, where batch-statistics BatchNorm makes the
-    original's own error in some SE gradients up to ~1.5e-4)."""
+    off by a relative 1e-4 (eval) / 1e-3 (train: there batch-statistics BatchNorm makes the
+    original's own error in some SE gradients up to ~1e-4, and the factor is 4). Over 10 inputs
+    each, the smallest ratio of a wrong SE gradient's error to its bound was 18 (1e-4, eval),
+    7.7 (1e-3, train) and over 8000 (missing sample); the converted model's largest, 0.40."""
     name = "timm_mobilenetv3_small_100"
     train = mode == "train"
     rule = FLOAT32_MODEL_RULES[mode]
@@ -352,23 +354,41 @@ def test_float32_model_rule_rejects_wrong_gradients(mode):
             se_names |= {f"{prefix}.{p}" for p, _ in m.named_parameters()}
     assert len(se_names) == 4 * MODELS[name][1]
     off_by = 1e-4 if mode == "eval" else 1e-3
-    seed = fresh_seed()
-    g = torch.Generator().manual_seed(seed)
     converted_step = model_step(converted)
+    knife_edges = []
+    for _ in range(4):
+        seed = fresh_seed()
+        g = torch.Generator().manual_seed(seed)
 
-    def off_step(x):
-        out = converted_step(x)
-        for k in se_names:
-            out[k] = out[k] * (1 + off_by * torch.randn(out[k].shape, generator=g).sign())
-        return out
+        def off_step(x):
+            out = converted_step(x)
+            for k in se_names:
+                out[k] = out[k] * (1 + off_by * torch.randn(out[k].shape, generator=g).sign())
+            return out
 
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    runs = {"original": model_step(original), "converted": converted_step, "missing": model_step(missing),
-            "off": off_step}
-    errors = float32_model_errors(model_step(reference), runs, x, rule.rolls, seed)
-    where = f"{mode} seed={seed}"
-    for label in ("converted", "missing", "off"):
-        verdicts = float32_model_verdicts(errors["original"], errors[label], rule)
-        for k, (ok, msg) in verdicts.items():
-            expected = label == "converted" or k not in se_names
-            assert ok == expected, f"{label}: {msg} {where}"
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+        runs = {"original": model_step(original), "converted": converted_step, "missing": model_step(missing),
+                "off": off_step}
+        errors = float32_model_errors(model_step(reference), runs, x, rule.rolls, seed)
+        if knife_edge(errors["original"]):
+            # A kink (ReLU at 0, hardswish/hardsigmoid at +-3) within rounding of an input flips in
+            # some rolls and moves every gradient upstream of it by ~1e-2 (seen: seed 4030761551,
+            # eval, the original's conv_stem gradient error 9.5e-7, 8.6e-7, 8.6e-3 over the
+            # rolls). The original's pooled error, the rule's yardstick, is then ~1e-2: a correct
+            # model passes, but no 1e-4 error can be resolved, so this input cannot test that.
+            knife_edges.append(seed)
+            continue
+        where = f"{mode} seed={seed}"
+        for label in ("converted", "missing", "off"):
+            verdicts = float32_model_verdicts(errors["original"], errors[label], rule)
+            for k, (ok, msg) in verdicts.items():
+                expected = label == "converted" or k not in se_names
+                assert ok == expected, f"{label}: {msg} {where}"
+        return
+    pytest.fail(f"every input drawn was a knife edge for the original model (seeds {knife_edges})")
+
+
+def knife_edge(errors) -> bool:
+    """Whether some quantity's error varies by over 100x between the rolls (rounding alone moves
+    it by under 10x; a flipped kink, by 1e3-1e4x)."""
+    return any(max(e) > 100 * min(e) + 1e-6 for e in errors.per_roll.values())
