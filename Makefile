@@ -39,6 +39,7 @@ test: build
 	SE_KERNELS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SE_KERNELS_REQUIRE_EXT=1 \
 		$(PY) -m pytest -q -m float32_models tests/test_convert.py
+	$(PY) -m pytest -q benchmarks/test_gpu_model.py
 ifeq ($(FORCE_CUDA),1)
 	$(PY) benchmarks/cuda_resources.py --device-only --check
 endif

@@ -1,5 +1,7 @@
 """Regenerate benchmarks/results/cuda_ptxas.md: ptxas' resource usage of csrc/cuda/se_cuda.cu's
-kernels, and fail (exit 1) if any kernel spills or has a stack frame.
+kernels, and fail (exit 1) if any kernel spills or has a stack frame; and the SASS instructions
+per element of the element-wise kernels (scale, grad_input), failing if a float32 16-byte-vector
+variant needs more than MAX_SASS_PER_ELEMENT.
 
     python benchmarks/cuda_resources.py            # sm_80 and sm_90, rewrites the table
     python benchmarks/cuda_resources.py --check    # the same, but leaves the file alone
@@ -11,6 +13,15 @@ paths, COMMON_NVCC_FLAGS, -fPIC, -std=c++20, the TORCH_EXTENSION defines, setup.
 build tree from `make build` exists (build/temp*/build.ninja), the flags it used are compared
 with these and any difference is printed. --device-only compiles the device code alone (nvcc
 -cubin, one arch at a time): the same ptxas numbers in about half the time.
+
+Instructions per element (sm_90): cuobjdump (the CUDA toolkit's, else the one in the triton
+wheel) disassembles each variant twice, built with its tiles 4 steps long (as shipped) and 2
+(-DSE_TILE_STEPS; the steps are unrolled). (instructions at 4 - instructions at 2) / (2 steps x
+the elements of a lane's step) is the cost of one element in the shipped tile: loads, math,
+stores, mask bits, bounds, address arithmetic (2 vs 4 rather than 4 vs 8: eight steps of
+prefetched data raise register pressure, and ptxas then rematerialises addresses it keeps at 4). The per-tile setup (the tile's row and sample: two divisions per warp) is
+reported apart, amortised over a full tile of 4 steps. Static counts: every runtime option
+(residual, relu mask, which outputs) is in the code, so one call executes at most this many.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "cuda" / "se_cuda.cu"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cuda_ptxas.md"
 SETUP_NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]  # setup.py's extra nvcc args (no debug)
+MAX_SASS_PER_ELEMENT = 12  # float32, 16-byte vectors: the issue rate allows ~56 per 32 elements at 4.8 TB/s
+ELEMENTWISE = ("scale_kernel", "grad_input_kernel")
 
 
 def find_nvcc() -> Path:
@@ -148,6 +161,81 @@ def demangle(names: Sequence[str]) -> Dict[str, str]:
     return dict(zip(names, out.splitlines()))
 
 
+def find_cuobjdump(nvcc: Path) -> Optional[Path]:
+    for c in (nvcc.parent / "cuobjdump",):
+        if c.exists():
+            return c
+    try:
+        import triton
+
+        c = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return c if c.exists() else None
+    except ImportError:
+        return None
+
+
+_FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$", flags=re.MULTILINE)
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([^;]+);")
+
+
+def sass_counts(cuobjdump: Path, binary: Path) -> Dict[str, int]:
+    """mangled kernel name -> SASS instructions (NOP padding left out) of the sm_90 code in `binary`."""
+    text = subprocess.run([str(cuobjdump), "-sass", "-arch", "sm_90", str(binary)], capture_output=True, text=True,
+                          check=True).stdout
+    parts = _FUNCTION.split(text)
+    out = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        out[name] = sum(1 for i in _INSTRUCTION.findall(body) if not i.strip().startswith("NOP"))
+    return out
+
+
+_ELEMENT_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
+
+
+def per_element(short: str, at2: int, at4: int) -> dict:
+    """The instructions-per-element row of one element-wise variant `kernel<T, A, vector,
+    pixel_rows, relu-or-masked[, residual]>` (scale_kernel has the residual flag)."""
+    m = re.match(r"(\w+)<([\w:]+), \w+, (true|false), (true|false), (true|false)(?:, (true|false))?>", short)
+    if m is None:
+        raise ValueError(f"unexpected element-wise kernel {short!r}")
+    kernel, scalar = m.group(1), m.group(2)
+    vector, pixel_rows, relu = (m.group(i) == "true" for i in (3, 4, 5))
+    residual = None if m.group(6) is None else m.group(6) == "true"
+    per_step = 16 // _ELEMENT_BYTES[scalar] if vector else 1
+    steps = 4 if vector else 4 * (16 // _ELEMENT_BYTES[scalar])  # shipped: SE_TILE_STEPS 4
+    marginal = (at4 - at2) / (steps // 2 * per_step)
+    setup = at4 - marginal * steps * per_step
+    return {"kernel": kernel, "scalar": scalar, "vector": vector, "pixel_rows": pixel_rows, "relu": relu,
+            "residual": residual,
+            "at2": at2, "at4": at4, "per_element": marginal, "setup": setup,
+            "setup_per_element": setup / (steps * per_step)}
+
+
+def render_sass(rows: List[dict]) -> List[str]:
+    lines = [
+        "",
+        "## SASS instructions per element (sm_90)",
+        "",
+        "Static instructions of each element-wise variant with tiles of 2 and of 4 steps (4: as shipped; "
+        "`-DSE_TILE_STEPS`); per element: the difference over the elements of the 2 more steps "
+        f"(float32 16-byte variants checked <= {MAX_SASS_PER_ELEMENT}); setup: the rest, the once-per-tile "
+        "part, also shown spread over a full tile. Every runtime option's code is counted.",
+        "",
+        "| kernel | scalar | path | rows | relu mask | residual | instructions (2 / 4 steps) | per element "
+        "| setup | setup per element of a full tile |",
+        "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    yes_no = {True: "yes", False: "no", None: "-"}
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["scalar"], not r["vector"], r["pixel_rows"], r["relu"],
+                                         bool(r["residual"]))):
+        lines.append(f"| `{r['kernel']}` | {r['scalar']} | {'16-byte' if r['vector'] else 'scalar'} | "
+                     f"{'channels_last' if r['pixel_rows'] else 'NCHW'} | {yes_no[r['relu']]} | "
+                     f"{yes_no[r['residual']]} | "
+                     f"{r['at2']} / {r['at4']} | {r['per_element']:.2f} | {r['setup']:.0f} | "
+                     f"{r['setup_per_element']:.2f} |")
+    return lines
+
+
 def render(rows: List[dict], nvcc_version: str, torch_version: str, threads: Optional[str]) -> str:
     lines = [
         "# ptxas resource usage of csrc/cuda/se_cuda.cu",
@@ -190,6 +278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cmds = [base[:4] + [str(Path(tmp) / f"se_cuda{i}.cubin")] + base[5:] + [g] for i, g in enumerate(gencodes)]
         else:
             cmds = [cmd]
+        cuobjdump = find_cuobjdump(nvcc) if 90 in args.arch else None
+        if cuobjdump is not None:  # sm_90 again with 2-step tiles, for the instructions per step
+            base = [f for f in cmd if not f.startswith("-gencode")]
+            base[1] = "-cubin"
+            cmds.append(base[:4] + [str(Path(tmp) / "steps2.cubin")] + base[5:]
+                        + ["-gencode=arch=compute_90,code=sm_90", "-DSE_TILE_STEPS=2"])
         start = time.perf_counter()
         log = ""
         for c in cmds:
@@ -197,8 +291,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if proc.returncode != 0:
                 print(" ".join(c), proc.stdout, proc.stderr, sep="\n", file=sys.stderr)
                 return proc.returncode
-            log += proc.stdout + proc.stderr
+            if "-DSE_TILE_STEPS=2" not in c:
+                log += proc.stdout + proc.stderr
         seconds = time.perf_counter() - start
+        sass_rows = []
+        if cuobjdump is not None:
+            # by demangled name: the anonymous namespace's mangling differs between the builds
+            def by_short_name(counts: Dict[str, int]) -> Dict[str, int]:
+                names = demangle(list(counts))
+                return {short_name(names[k]): v for k, v in counts.items() if any(e in k for e in ELEMENTWISE)}
+
+            at2 = by_short_name(sass_counts(cuobjdump, Path(tmp) / "steps2.cubin"))
+            at4 = {}
+            for c in cmds[:-1]:
+                if any(f.endswith("sm_90") for f in c):
+                    at4.update(by_short_name(sass_counts(cuobjdump, Path(c[4]))))
+            if set(at4) != set(at2) or not at4:
+                raise ValueError(f"element-wise kernels differ between the 2- and 4-step builds: {sorted(at2)} "
+                                 f"vs {sorted(at4)}")
+            for name in sorted(at4):
+                sass_rows.append(per_element(name, at2[name], at4[name]))
     rows = parse_ptxas(log)
     names = demangle([r["mangled"] for r in rows])
     for r in rows:
@@ -215,16 +327,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = re.search(r"constexpr int kThreads = (\d+);", SOURCE.read_text())
     md = render(rows, version.group(1) if version else "?", torch.__version__.split("+")[0],
                 threads.group(1) if threads else None)
+    if sass_rows:
+        md += "\n".join(render_sass(sass_rows)) + "\n"
     if not args.check:
         Path(args.out).write_text(md)
     bad = [r for r in rows if r["stack"] or r["spill_stores"] or r["spill_loads"]]
+    slow = [r for r in sass_rows if r["scalar"] == "float" and r["vector"] and r["per_element"] > MAX_SASS_PER_ELEMENT]
+    if sass_rows:
+        worst = max((r for r in sass_rows if r["scalar"] == "float" and r["vector"]), key=lambda r: r["per_element"])
+        print(f"cuda_resources: float32 16-byte element-wise variants: at most {worst['per_element']:.2f} SASS "
+              f"instructions per element ({worst['kernel']}, pixel_rows={worst['pixel_rows']}, "
+              f"relu={worst['relu']}, residual={worst['residual']}), setup {worst['setup']:.0f} per tile")
+    else:
+        print("cuda_resources: no cuobjdump (or no sm_90): instructions per element not counted", file=sys.stderr)
+    for r in slow:
+        print(f"cuda_resources: {r['kernel']}<{r['scalar']}, pixel_rows={r['pixel_rows']}, relu={r['relu']}, "
+              f"residual={r['residual']}> needs "
+              f"{r['per_element']:.2f} instructions per element "
+              f"(> {MAX_SASS_PER_ELEMENT})", file=sys.stderr)
     print(f"cuda_resources: {len(rows)} kernels (sm_{', sm_'.join(map(str, sorted(args.arch)))}) in {seconds:.0f} s "
           f"of nvcc, max {max(r['registers'] for r in rows)} registers, {len(bad)} with a stack frame or spills"
           + ("" if args.check else f"; wrote {os.path.relpath(args.out, ROOT)}"))
     for r in bad:
         print(f"cuda_resources: sm_{r['sm']} {r['name']}: stack {r['stack']} B, spills "
               f"{r['spill_stores']}/{r['spill_loads']} B", file=sys.stderr)
-    return 1 if bad else 0
+    return 1 if bad or slow else 0
 
 
 if __name__ == "__main__":

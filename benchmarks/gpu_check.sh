@@ -90,6 +90,10 @@ if want sanitizer; then
 fi
 
 if want op; then
+    # the performance model's predictions for the same sites, to set beside the measurements
+    # (benchmarks/gpu_model.py: arithmetic only, seconds)
+    TAIL=3 step model_prediction 20 model_prediction.log $PY benchmarks/gpu_model.py \
+        --out "$OUT/results/gpu_model_prediction.md"
     # ImageNet SE-ResNet-50 sites, float32 and bfloat16, forward and full (training), every
     # provider (eager, compile, triton, cuda); then the EfficientNet-B0 sites in bfloat16.
     TAIL=30 step bench_op 90 bench_op.log $PY benchmarks/bench_se.py --device cuda \

@@ -91,3 +91,44 @@ def test_agrees_with_triton():
 
 def test_aoti_package_gpu(tmp_path):
     aoti_package_matches_eager("cuda", tmp_path)
+
+
+@pytest.mark.parametrize("n", [33, 70, 129])
+def test_weight_grads_over_batch_chunks(n):
+    """Over 32 samples the weight gradients are summed in chunks of the batch, then the chunks
+    added in order (weight_grads_kernel + weight_grads_sum_kernel)."""
+    case = Case((n, 40, 3, 3), 10, "hardswish", "sigmoid", True, False, None)
+    check(case, torch.float32, fresh_seed(), backend="cuda")
+    check(case, torch.float64, fresh_seed(), backend="cuda")
+
+
+def _shifted(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """t's values in a tensor of the same layout that starts one element into its storage."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    n, c, h, w = t.shape
+    out = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else buf[1:].view(n, c, h, w)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unaligned_tensors_give_the_same_bits(dtype, channels_last):
+    """The element-wise kernels use 16-byte accesses only when every tensor they touch is 16-byte
+    aligned; tensors starting one element into their storage take the scalar path, which must
+    compute the same bits (the same per-element math)."""
+    case = Case((3, 24, 8, 8), 6, "silu", "sigmoid", True, True, "relu", channels_last)
+    inputs = to_device(make_inputs(case, dtype, fresh_seed()))
+    dy = torch.randn(case.shape, device="cuda", dtype=dtype)
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    y, grads = run(fused_se, inputs, dy, case, backend="cuda")
+    x = _shifted(inputs["x"], channels_last).requires_grad_()
+    res = _shifted(inputs["residual"], channels_last).requires_grad_()
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous(memory_format=torch.channels_last if channels_last
+                                                      else torch.contiguous_format)
+    y2 = fused_se(x, inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], residual=res, backend="cuda",
+                  **case.options())
+    y2.backward(_shifted(dy, channels_last))
+    assert torch.equal(y2, y)
+    assert torch.equal(x.grad, grads["x"]) and torch.equal(res.grad, grads["residual"])

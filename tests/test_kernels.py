@@ -11,7 +11,7 @@ from conftest import (
     ACTIVATIONS, CPU_BACKENDS, FUSED_CPU_BACKENDS, GATES, GRAD_NAMES, NATIVE_CPU, Case, assert_float32_matches, assert_low_precision_matches, fresh_seed,
     float32_close, magnitudes64, make_inputs, reference64, rel_err, run,
 )
-from se_kernels import fused_se
+from se_kernels import available_backends, fused_se
 from se_kernels.reference import se_reference
 
 pytestmark = pytest.mark.usefixtures("poisoned_allocations")
@@ -297,3 +297,32 @@ def test_float32_rule_rejects_wrong_gradients(shape, squeeze):
     for name in ("x", "residual"):
         wrong = grads_ref[name] * (1 + 1e-4 * torch.randn_like(grads_ref[name]).sign())
         assert not float32_close(wrong.float(), grads_ref[name], magnitude[name])[0], name
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu")])  # triton: a tiny case
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hardswish_kinks_like_reference(backend, channels_last):
+    """Hidden units exactly at hardswish's kinks (-3 and 3) and the gate logits exactly at
+    hardsigmoid's: every gradient equals the reference's (aten: hardswish' is 0 at -3 and 1 at 3;
+    hardsigmoid' 0 at both), in float64, where the hidden values are exact."""
+    x = torch.zeros(2, 4, 3, 5, dtype=torch.float64)
+    x[:, 0] = 1.0  # pooled: (1, 0, 0, 0) per sample
+    w1 = torch.zeros(4, 4, dtype=torch.float64)
+    w1[:, 0] = torch.tensor([-3.0, 3.0, -2.0, 2.0])  # hidden: -3, 3, -2, 2
+    w2 = torch.diag(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    b2 = torch.tensor([0.0, 0.0, -3.0, 3.0], dtype=torch.float64)  # logits: 0, 3, -3, 3, all exact
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [t.clone().requires_grad_() for t in (x, w1, w2, b2)]
+    refs = [t.clone().requires_grad_() for t in (x, w1, w2, b2)]
+    dy = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(fresh_seed()))
+    kw = dict(activation="hardswish", gate="hardsigmoid")
+    y = fused_se(inputs[0], inputs[1], None, inputs[2], inputs[3], backend=backend, **kw)
+    ref = se_reference(refs[0], refs[1], None, refs[2], refs[3], **kw)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref_grads = torch.autograd.grad(ref, refs, dy)
+    # 1e-7: aten's float64 hardsigmoid backward multiplies by 1/6 rounded to float32 (3e-8 off);
+    # a kink taken on the wrong side is off by O(1)
+    for name, got, want in zip(("x", "w1", "w2", "b2"), grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9, msg=lambda m: f"grad {name}: {m}")

@@ -2,8 +2,8 @@
 launch code launches, for sm_90 over every benchmark shape set and for sm_80 over cpu-quick and
 the int64-offset ("wide") site, in float32 and bfloat16, NCHW and channels_last, both plans,
 forward and backward, with and without the residual + relu epilogue, and none of the compiled
-variants spills or has a stack frame (benchmarks/triton_aot.py; its report is
-benchmarks/results/triton_resources.md).
+variants spills or has a stack frame, and the memory-bound kernels' variants use at most 128
+registers (benchmarks/triton_aot.py; its report is benchmarks/results/triton_resources.md).
 
 The compilation runs in a subprocess without TRITON_INTERPRET: tests/conftest.py sets it on a
 machine without a GPU, and under it @triton.jit returns InterpretedFunctions, which cannot be
@@ -65,6 +65,36 @@ def compiled(tmp_path_factory):
 def test_no_spills_or_stack_frames(compiled, arch):
     bad = triton_aot.problems(compiled[arch])
     assert not bad, f"{len(bad)} compiled variant(s) for sm_{arch} spill or use a stack frame:\n" + "\n".join(bad)
+
+
+# The memory-bound kernels: a thread holds a few tile elements and the GPU hides the memory
+# latency with many loads in flight, i.e. with resident warps. At most 128 registers a thread
+# leaves at least 16 warps resident per SM (65536 registers).
+MEMORY_BOUND_KERNELS = ("channel_sums_kernel", "se_scale_kernel", "se_grad_input_kernel")
+MEMORY_BOUND_MAX_REGISTERS = 128
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_memory_bound_kernels_fit_128_registers(compiled, arch):
+    result = compiled[arch]
+    launched_by = {}  # variant -> (constexprs and num_warps, the first call that launches it)
+    for case, use_arch, _fused, _kernel, key, kw in result.uses:
+        launched_by.setdefault(f"{use_arch}|{key}", (kw, case))
+    seen, over = set(), []
+    for k, d in result.variants.items():
+        v = triton_aot.Resources(**d)
+        if v.kernel not in MEMORY_BOUND_KERNELS:
+            continue
+        seen.add(v.kernel)
+        if v.registers > MEMORY_BOUND_MAX_REGISTERS:
+            kw, case = launched_by[k]
+            consts = ", ".join(f"{name}={value}" for name, value in kw.items())
+            over.append(f"sm_{arch} {v.kernel} [{consts}]: {v.registers} registers, {v.resident_warps} resident "
+                        f"warps/SM; launched by {case['shape_set']} {case['site']} {case['dtype']} {case['layout']} "
+                        f"{case['epilogue']} {case['direction']}")
+    assert seen == set(MEMORY_BOUND_KERNELS), f"not compiled for sm_{arch}: {set(MEMORY_BOUND_KERNELS) - seen}"
+    assert not over, (f"{len(over)} variant(s) of the memory-bound kernels use more than "
+                      f"{MEMORY_BOUND_MAX_REGISTERS} registers on sm_{arch}:\n" + "\n".join(sorted(over)))
 
 
 @pytest.mark.parametrize("arch", [90, 80])

@@ -201,7 +201,7 @@ inline void apply_gate(Gate gate, const A* u, A* g, int64_t n) {
 }
 
 // d act(u) / du, following PyTorch's backward formulas (relu'(0) = 0, hardswish' = u/3 + 1/2
-// on [-3, 3]).
+// on the open interval (-3, 3), 0 at -3 and 1 at 3, as aten::hardswish_backward).
 template <typename A>
 inline A activation_grad(Act act, A u) {
   switch (act) {
@@ -217,7 +217,7 @@ inline A activation_grad(Act act, A u) {
       return cdf + u * pdf;
     }
     case Act::HardSwish:
-      return u < A(-3) ? A(0) : (u <= A(3) ? u / A(3) + A(0.5) : A(1));
+      return u <= A(-3) ? A(0) : (u < A(3) ? u / A(3) + A(0.5) : A(1));
   }
   return A(0);
 }

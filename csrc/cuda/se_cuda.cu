@@ -4,10 +4,11 @@
 // ones, because the pixel reduction is split over blocks):
 //   forward:  channel_sums (per (sample, channel block, pixel split) partial sums of x)
 //             -> excite (one block per sample: pool, both GEMVs, gate)
-//             -> scale (one warp per 32 elements of a row: y = out_act(x * g + residual),
-//                the relu mask bits from a warp ballot)
-//   backward: channel_sums of dy' * x -> excite_backward (dz2, dz1, dp) -> grad_input (dx,
-//             d_residual) -> weight_grads (one thread per weight, the batch summed in order)
+//             -> scale (y = out_act(x * g + residual) and the relu mask, one warp per tile of a
+//                row, 16-byte accesses, the tiles walked backwards: csrc/cuda/se_tiles.h)
+//   backward: channel_sums of dy' * x -> excite_backward (dz2, dz1, dp, act(hidden)) ->
+//             grad_input (dx, d_residual; tiles as scale's) -> weight_grads (one thread per
+//             weight over a chunk of the batch, the chunks then added in order)
 // Every reduction has a fixed order: results are deterministic (no atomics). Accumulation in
 // float (double for double). x, residual, grad_y, y, grad_x and grad_residual share x's layout
 // (NCHW or channels_last rows, csrc/se_common.h); the relu mask layout is csrc/se.cpp's.
@@ -22,8 +23,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "../se_common.h"
+#include "se_tiles.h"
 
 namespace se_kernels::cuda {
 namespace {
@@ -31,48 +35,12 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-// ---- element-wise functions (NaN-propagating like PyTorch's) ---------------------------------
-
-template <typename A>
-__device__ __forceinline__ A clamp06(A v) {
-  return v < A(0) ? A(0) : (v > A(6) ? A(6) : v);
-}
-
-template <typename A>
-__device__ __forceinline__ A activation(A u, int act) {
-  switch (act) {
-    case 0: return u < A(0) ? A(0) : u;
-    case 1: return u / (A(1) + exp(-u));
-    case 2: return A(0.5) * u * (A(1) + erf(u * A(0.7071067811865476)));
-    default: return u * clamp06(u + A(3)) / A(6);
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ A activation_grad(A u, int act) {
-  switch (act) {
-    case 0: return u > A(0) ? A(1) : A(0);
-    case 1: {
-      const A s = A(1) / (A(1) + exp(-u));
-      return s * (A(1) + u * (A(1) - s));
-    }
-    case 2: {
-      const A cdf = A(0.5) * (A(1) + erf(u * A(0.7071067811865476)));
-      return cdf + u * exp(A(-0.5) * u * u) * A(0.3989422804014327);
-    }
-    default: return u < A(-3) ? A(0) : (u <= A(3) ? u / A(3) + A(0.5) : A(1));
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ A gate_fn(A u, int gate) {
-  return gate == 0 ? A(1) / (A(1) + exp(-u)) : clamp06(u + A(3)) / A(6);
-}
-
-template <typename A>
-__device__ __forceinline__ A gate_grad(A u, A g, int gate) {
-  return gate == 0 ? g * (A(1) - g) : ((u > A(-3) && u < A(3)) ? A(1) / A(6) : A(0));
-}
+using tiles::activation;
+using tiles::activation_grad;
+using tiles::gate_fn;
+using tiles::gate_grad;
+using tiles::RowTiles;
+using tiles::Tile;
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
@@ -186,43 +154,135 @@ __global__ void excite_kernel(const A* __restrict__ partial, const T* __restrict
   }
 }
 
-// One warp per (row, 32 elements of it): y = out_act(x * g + residual), and with the relu the
-// row's mask bytes from a ballot (lanes 0-3 write the warp's 4 bytes).
-template <typename T, typename A>
-__global__ void scale_kernel(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ y,
-                             uint8_t* __restrict__ mask, const A* __restrict__ gates, Layout lay, int64_t total_rows,
-                             bool out_relu) {
-  const int64_t segments = (lay.row_len + 31) / 32;
-  const int64_t item = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (item >= total_rows * segments) return;  // whole warps leave together
-  const int64_t row = item / segments, i = (item % segments) * 32 + lane;
-  const int64_t n = row / lay.rows, r = row % lay.rows;
-  const bool inside = i < lay.row_len;
-  const int64_t c = lay.pixel_rows ? i : r;
-  A out = 0;
-  if (inside) {
-    const int64_t o = row * lay.row_len + i;
-    out = static_cast<A>(x[o]) * gates[n * lay.C + c];
-    if (res) out += static_cast<A>(res[o]);
-    if (out_relu && out < A(0)) out = A(0);
-    y[o] = static_cast<T>(out);
+// W elements of E, loaded and stored as one 16-byte access where W * sizeof(E) == 16 (two for
+// float gates of 8 half/bfloat16 elements).
+template <typename E, int W>
+struct alignas(16) Pack {
+  E v[W];
+};
+
+// 16-byte multiples go through uint4, which nvcc always moves with one LDG/STG.128 each (a
+// struct copy was split into four 4-byte stores).
+template <typename E, int W>
+__device__ __forceinline__ Pack<E, W> load_pack(const E* p) {
+  Pack<E, W> out;
+  if constexpr (W * sizeof(E) % 16 == 0) {
+    constexpr int kWords = W * sizeof(E) / 16;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k)
+      reinterpret_cast<uint4*>(&out)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) out.v[k] = p[k];
   }
-  if (out_relu) {
-    const unsigned bits = __ballot_sync(0xffffffffu, inside && out > A(0));
-    const int64_t byte = (item % segments) * 4 + lane;
-    if (lane < 4 && byte < lay.row_bytes) mask[row * lay.row_bytes + byte] = static_cast<uint8_t>(bits >> (8 * lane));
+  return out;
+}
+
+template <typename E, int W>
+__device__ __forceinline__ void store_pack(E* p, const Pack<E, W>& v) {
+  if constexpr (W * sizeof(E) % 16 == 0) {
+    constexpr int kWords = W * sizeof(E) / 16;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] = v.v[k];
+  }
+}
+
+// y = out_act(x * g + residual) over one tile per warp (csrc/cuda/se_tiles.h), last tile first;
+// with the relu (kRelu), the tile's mask bytes: the lanes' bits gathered by shuffles (vector
+// path) or a ballot (scalar path). kVector: W-element 16-byte accesses, else one element a step.
+// kPixelRows: channels_last rows, a gate per element; NCHW rows share one gate. kRes: a residual.
+// Every per-lane pointer is set once; a step adds a compile-time offset.
+template <typename T, typename A, bool kVector, bool kPixelRows, bool kRelu, bool kRes>
+__global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x, const T* __restrict__ res,
+                                                         T* __restrict__ y, uint8_t* __restrict__ mask,
+                                                         const A* __restrict__ gates, RowTiles t,
+                                                         int64_t row_bytes) {
+  constexpr int W = kVector ? tiles::vec_width<T>() : 1;
+  constexpr int kSteps = kVector ? tiles::kTileSteps : tiles::kTileSteps * tiles::vec_width<T>();
+  constexpr int kStride = tiles::step_stride<W>();
+  constexpr int kByteStride = tiles::mask_bytes_per_step<W>();
+  const int lane = threadIdx.x % 32;
+  Tile tile;
+  if (!tiles::tile_of(t, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
+  const int size = tiles::tile_size(tile);
+  const int o0 = tiles::step_offset<W>(0, lane);                    // this lane's first element in the tile
+  const int64_t first = tile.row * t.row_len + tile.begin + o0;
+  const T* __restrict__ xl = x + first;
+  const T* __restrict__ rl = kRes ? res + first : nullptr;
+  T* __restrict__ yl = y + first;
+  const A* __restrict__ gl = gates + tile.gate_base + (kPixelRows ? tile.begin + o0 : 0);
+  const int byte0 = kRelu ? tiles::mask_byte_in_tile<W>(0, lane, 1 << 30) : -1;  // -1: not a writer
+  uint8_t* __restrict__ ml = kRelu ? mask + tile.row * row_bytes + tile.begin / 8 + (byte0 > 0 ? byte0 : 0) : nullptr;
+  Pack<A, W> gv;
+  if (!kPixelRows) {
+    const A g = *gl;
+#pragma unroll
+    for (int k = 0; k < W; ++k) gv.v[k] = g;
+  }
+  // Vector path: all of the tile's loads first (predicated, not behind branches), kSteps x 16 B
+  // per tensor in flight per lane, then the arithmetic and the stores. The scalar path (the
+  // fallback for odd rows or unaligned tensors) loads step by step: kSteps is 8-32 there; so does
+  // double, where loading ahead spilled 8 B with the relu mask (ptxas, sm_80 and sm_90).
+  constexpr bool kLoadAhead = kVector && sizeof(T) < 8;
+  constexpr int kAhead = kLoadAhead ? kSteps : 0;
+  Pack<T, W> xv[kSteps], rv[kSteps];
+  Pack<A, W> gvs[kPixelRows ? kSteps : 1];
+#pragma unroll
+  for (int step = 0; step < kAhead; ++step) {
+    if (o0 + step * kStride < size) {
+      xv[step] = load_pack<T, W>(xl + step * kStride);
+      if (kRes) rv[step] = load_pack<T, W>(rl + step * kStride);
+      if (kPixelRows) gvs[step] = load_pack<A, W>(gl + step * kStride);
+    }
+  }
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    if (step * kStride >= size) break;  // warp-uniform: short rows end early
+    unsigned bits = 0;
+    if (o0 + step * kStride < size) {
+      if (!kLoadAhead) {
+        xv[step] = load_pack<T, W>(xl + step * kStride);
+        if (kRes) rv[step] = load_pack<T, W>(rl + step * kStride);
+        if (kPixelRows) gvs[step] = load_pack<A, W>(gl + step * kStride);
+      }
+      const Pack<A, W>& gs = kPixelRows ? gvs[step] : gv;
+      Pack<T, W> yv;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        bool through;
+        const A out = tiles::scale_element(static_cast<A>(xv[step].v[k]), gs.v[k],
+                                           kRes ? static_cast<A>(rv[step].v[k]) : A(0), kRes, kRelu, &through);
+        yv.v[k] = static_cast<T>(out);
+        bits |= unsigned(through) << k;
+      }
+      store_pack<T, W>(yl + step * kStride, yv);
+    }
+    if constexpr (kRelu) {  // every lane takes part in the shuffles / ballot
+      unsigned byte_bits;
+      if constexpr (kVector) {
+        byte_bits = bits;
+#pragma unroll
+        for (int k = 1; k < 8 / W; ++k) byte_bits |= __shfl_down_sync(0xffffffffu, bits, k) << (k * W);
+      } else {
+        byte_bits = __ballot_sync(0xffffffffu, bits != 0) >> (8 * (lane % 4));
+      }
+      // = tiles::mask_byte_in_tile<W>(step, lane, size), in its linear form
+      if (byte0 >= 0 && (byte0 + step * kByteStride) * 8 < size) ml[step * kByteStride] = static_cast<uint8_t>(byte_bits);
+    }
   }
 }
 
 // One block per sample: dz2 = dg * gate'(logits), gates, dz1 = (W2^T dz2) * act'(hidden),
-// dp = (W1^T dz1) / L. Shared memory: C + S values.
+// z = act(hidden), dp = (W1^T dz1) / L. Shared memory: C + S values.
 template <typename T, typename A>
 __global__ void excite_backward_kernel(const A* __restrict__ partial, const T* __restrict__ w1,
                                        const T* __restrict__ w2, const A* __restrict__ hidden,
                                        const A* __restrict__ logits, A* __restrict__ dz1_out, A* __restrict__ dz2_out,
-                                       A* __restrict__ gates, A* __restrict__ dp, int64_t C, int64_t S, int64_t L,
-                                       int splits, int act, int gate) {
+                                       A* __restrict__ z_out, A* __restrict__ gates, A* __restrict__ dp, int64_t C,
+                                       int64_t S, int64_t L, int splits, int act, int gate) {
   extern __shared__ unsigned char smem_raw[];
   A* dz2 = reinterpret_cast<A*>(smem_raw);
   A* dz1 = dz2 + C;
@@ -242,8 +302,10 @@ __global__ void excite_backward_kernel(const A* __restrict__ partial, const T* _
     for (int64_t c = lane; c < C; c += 32) acc += static_cast<A>(w2[c * S + s]) * dz2[c];
     acc = warp_sum(acc);
     if (lane == 0) {
-      dz1[s] = acc * activation_grad(hidden[n * S + s], act);
+      const A u1 = hidden[n * S + s];
+      dz1[s] = acc * activation_grad(u1, act);
       dz1_out[n * S + s] = dz1[s];
+      z_out[n * S + s] = activation(u1, act);  // for the weight gradients: computed once
     }
   }
   __syncthreads();
@@ -254,46 +316,128 @@ __global__ void excite_backward_kernel(const A* __restrict__ partial, const T* _
   }
 }
 
-// grad_x = dy' * g + dp, grad_residual = dy'. One thread per element.
-template <typename T, typename A>
-__global__ void grad_input_kernel(const T* __restrict__ dy, const uint8_t* __restrict__ mask,
-                                  const A* __restrict__ gates, const A* __restrict__ dp, T* __restrict__ dx,
-                                  T* __restrict__ dres, Layout lay, int64_t numel, bool masked) {
-  const int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (o >= numel) return;
-  const int64_t row = o / lay.row_len, i = o % lay.row_len;
-  const int64_t n = row / lay.rows, r = row % lay.rows;
-  const int64_t c = lay.pixel_rows ? i : r;
-  A d = static_cast<A>(dy[o]);
-  if (masked && !((mask[row * lay.row_bytes + (i >> 3)] >> (i & 7)) & 1)) d = A(0);
-  if (dres) dres[o] = static_cast<T>(d);
-  if (dx) dx[o] = static_cast<T>(d * gates[n * lay.C + c] + dp[n * lay.C + c]);
+// grad_x = dy' * g + dp, grad_residual = dy' over one tile per warp, last tile first (tiles,
+// template flags and per-lane pointers as scale_kernel's; kMasked: the relu epilogue's mask
+// zeroes dy).
+template <typename T, typename A, bool kVector, bool kPixelRows, bool kMasked>
+__global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restrict__ dy,
+                                                              const uint8_t* __restrict__ mask,
+                                                              const A* __restrict__ gates, const A* __restrict__ dp,
+                                                              T* __restrict__ dx, T* __restrict__ dres, RowTiles t,
+                                                              int64_t row_bytes) {
+  constexpr int W = kVector ? tiles::vec_width<T>() : 1;
+  constexpr int kSteps = kVector ? tiles::kTileSteps : tiles::kTileSteps * tiles::vec_width<T>();
+  constexpr int kStride = tiles::step_stride<W>();
+  const int lane = threadIdx.x % 32;
+  Tile tile;
+  if (!tiles::tile_of(t, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;
+  const int size = tiles::tile_size(tile);
+  const int o0 = tiles::step_offset<W>(0, lane);
+  const int64_t first = tile.row * t.row_len + tile.begin + o0;
+  const T* __restrict__ dyl = dy + first;
+  T* __restrict__ dxl = dx ? dx + first : nullptr;
+  T* __restrict__ drl = dres ? dres + first : nullptr;
+  const int64_t vec_base = tile.gate_base + (kPixelRows ? tile.begin + o0 : 0);
+  // W <= 8 bits from each step's first element (a multiple of W; tiles start on a byte): one byte
+  const uint8_t* __restrict__ ml = kMasked ? mask + tile.row * row_bytes + (tile.begin + o0) / 8 : nullptr;
+  const int shift = o0 & 7;  // a step moves by a multiple of 8 elements
+  Pack<A, W> gv, pv;
+  if (!kPixelRows) {
+    const A g = gates[vec_base], p = dp[vec_base];
+#pragma unroll
+    for (int k = 0; k < W; ++k) gv.v[k] = g, pv.v[k] = p;
+  }
+  // the tile's loads first on the vector path (predicated), then the arithmetic and stores, as
+  // scale_kernel
+  constexpr int kAhead = kVector ? kSteps : 0;
+  Pack<T, W> dyv[kSteps];
+  unsigned bits[kSteps];
+  Pack<A, W> gvs[kPixelRows ? kSteps : 1], pvs[kPixelRows ? kSteps : 1];
+  auto load_step = [&](int step) {
+    bits[step] = 0xffu;
+    dyv[step] = load_pack<T, W>(dyl + step * kStride);
+    if (kMasked) bits[step] = unsigned(ml[step * kStride / 8]) >> shift;
+    if (kPixelRows) {
+      gvs[step] = load_pack<A, W>(gates + vec_base + step * kStride);
+      pvs[step] = load_pack<A, W>(dp + vec_base + step * kStride);
+    }
+  };
+#pragma unroll
+  for (int step = 0; step < kAhead; ++step)
+    if (o0 + step * kStride < size) load_step(step);
+#pragma unroll
+  for (int step = 0; step < kSteps; ++step) {
+    if (o0 + step * kStride >= size) continue;  // so are the lane's later steps
+    if (!kVector) load_step(step);
+    const Pack<A, W>& gs = kPixelRows ? gvs[step] : gv;
+    const Pack<A, W>& ps = kPixelRows ? pvs[step] : pv;
+    Pack<T, W> dxv, drv;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const A d = ((bits[step] >> k) & 1u) ? static_cast<A>(dyv[step].v[k]) : A(0);
+      drv.v[k] = static_cast<T>(d);
+      dxv.v[k] = static_cast<T>(tiles::grad_input_element(d, gs.v[k], ps.v[k]));
+    }
+    if (drl) store_pack<T, W>(drl + step * kStride, drv);
+    if (dxl) store_pack<T, W>(dxl + step * kStride, dxv);
+  }
 }
 
-// dW2[c, s] = sum_n dz2[n, c] act(hidden[n, s]), dW1[s, c] = sum_n dz1[n, s] pooled[n, c],
-// db2 = sum_n dz2, db1 = sum_n dz1: one thread per (c, s), the batch summed in order. 1-D grid
-// over (S, channel blocks), channel blocks fastest.
-template <typename T, typename A>
-__global__ void weight_grads_kernel(const A* __restrict__ dz1, const A* __restrict__ dz2,
-                                    const A* __restrict__ hidden, const A* __restrict__ pooled, T* __restrict__ dw1,
-                                    T* __restrict__ db1, T* __restrict__ dw2, T* __restrict__ db2, int64_t N, int64_t C,
-                                    int64_t S, int act) {
-  const int64_t cblocks = (C + blockDim.x - 1) / blockDim.x;
-  const int64_t c = int64_t(blockIdx.x % cblocks) * blockDim.x + threadIdx.x;
-  const int64_t s = blockIdx.x / cblocks;
+// Weight gradients over the batch chunk [k * per_chunk, (k + 1) * per_chunk): dW2[c, s] =
+// sum_n dz2[n, c] z[n, s], dW1[s, c] = sum_n dz1[n, s] pooled[n, c], db2 = sum_n dz2, db1 =
+// sum_n dz1, one thread per (c, s), the samples added in order. 1-D grid over (chunk, S,
+// channel blocks), channel blocks fastest. One chunk: the outputs (T); several: float partials
+// (chunk-major, each of the four laid out as its output), added by weight_grads_sum_kernel.
+template <typename A, typename O>
+__global__ void __launch_bounds__(kThreads) weight_grads_kernel(
+    const A* __restrict__ dz1, const A* __restrict__ dz2, const A* __restrict__ z, const A* __restrict__ pooled,
+    O* __restrict__ dw1, O* __restrict__ db1, O* __restrict__ dw2, O* __restrict__ db2, int64_t N, int64_t C,
+    int64_t S, int64_t per_chunk) {
+  const int64_t cblocks = (C + kThreads - 1) / kThreads;
+  const int64_t c = int64_t(blockIdx.x % cblocks) * kThreads + threadIdx.x;
+  const int64_t s = blockIdx.x / cblocks % S;
+  const int64_t k = blockIdx.x / cblocks / S;
   if (c >= C) return;
+  const int64_t n_end = min(N, (k + 1) * per_chunk);
   A w2 = 0, w1 = 0, b2 = 0, b1 = 0;
-  for (int64_t n = 0; n < N; ++n) {
+#pragma unroll 8
+  for (int64_t n = k * per_chunk; n < n_end; ++n) {
     const A g2 = dz2[n * C + c], g1 = dz1[n * S + s];
-    w2 += g2 * activation(hidden[n * S + s], act);
+    w2 += g2 * z[n * S + s];
     w1 += g1 * pooled[n * C + c];
     b2 += g2;
     b1 += g1;
   }
-  dw2[c * S + s] = static_cast<T>(w2);
-  dw1[s * C + c] = static_cast<T>(w1);
-  if (s == 0) db2[c] = static_cast<T>(b2);
-  if (c == 0) db1[s] = static_cast<T>(b1);
+  dw2[k * C * S + c * S + s] = static_cast<O>(w2);
+  dw1[k * S * C + s * C + c] = static_cast<O>(w1);
+  if (s == 0) db2[k * C + c] = static_cast<O>(b2);
+  if (c == 0) db1[k * S + s] = static_cast<O>(b1);
+}
+
+// out[i] = sum over chunks k (in order) of partial[k * size + i], for the four weight gradients
+// laid out one after another (sizes S*C, S, C*S, C).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) weight_grads_sum_kernel(const A* __restrict__ partial,
+                                                                    T* __restrict__ dw1, T* __restrict__ db1,
+                                                                    T* __restrict__ dw2, T* __restrict__ db2,
+                                                                    int64_t C, int64_t S, int64_t chunks) {
+  int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const A* p = partial;
+  T* out = dw1;
+  int64_t size = S * C;
+  if (j >= size) {
+    j -= size, p += chunks * size, out = db1, size = S;
+    if (j >= size) {
+      j -= size, p += chunks * size, out = dw2, size = C * S;
+      if (j >= size) {
+        j -= size, p += chunks * size, out = db2, size = C;
+        if (j >= size) return;
+      }
+    }
+  }
+  A acc = 0;
+  for (int64_t k = 0; k < chunks; ++k) acc += p[k * size + j];
+  out[j] = static_cast<T>(acc);
 }
 
 // ---- host ----------------------------------------------------------------------------------------
@@ -318,22 +462,72 @@ struct Splits {
   int64_t per_split;
 };
 
+// Multiprocessors of the current device, queried once per device.
 int multiprocessors() {
-  int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
+  static std::mutex lock;
+  static std::unordered_map<int, int> counts;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> hold(lock);
+  auto it = counts.find(device);
+  if (it == counts.end()) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    it = counts.emplace(device, count).first;
+  }
+  return it->second;
 }
 
-// Enough blocks for the pixel reduction to fill the GPU: 4 per multiprocessor.
+// Enough blocks for the pixel reduction to fill the GPU: 4 per multiprocessor. Each split's
+// pixels are a multiple of 32 (NCHW: a warp's 32 lanes along the pixels start aligned).
 Splits pixel_splits(const Geometry& g, int64_t channel_blocks) {
   const int sms = multiprocessors();
   const int64_t blocks = std::max<int64_t>(1, g.N * channel_blocks);
   const int64_t wanted = std::max<int64_t>(1, (4 * sms + blocks - 1) / blocks);
   const int64_t splits = std::min<int64_t>(std::max<int64_t>(1, g.L / 32), wanted);
-  const int64_t per_split = (g.L + splits - 1) / splits;
+  const int64_t per_split = ((g.L + splits - 1) / splits + 31) / 32 * 32;
   return {static_cast<int>((g.L + per_split - 1) / per_split), per_split};
 }
+
+// The element-wise kernels' tiles: 16-byte accesses when every tensor they touch is 16-byte
+// aligned (rows then start aligned too when the row length is a multiple of the vector).
+template <typename T>
+RowTiles element_tiles(const Geometry& g, std::initializer_list<const void*> pointers) {
+  bool aligned = true;
+  for (const void* p : pointers) aligned = aligned && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  return tiles::make_row_tiles(g.N, g.C, g.L, g.pixel_rows, tiles::vec_width<T>(), aligned);
+}
+
+// The element-wise kernels' compile-time variants, picked at run time.
+template <typename T, typename A>
+auto scale_variant(bool vector, bool pixel_rows, bool relu, bool res) {
+  using Kernel = void (*)(const T*, const T*, T*, uint8_t*, const A*, RowTiles, int64_t);
+  const Kernel table[16] = {
+      scale_kernel<T, A, false, false, false, false>, scale_kernel<T, A, false, false, false, true>,
+      scale_kernel<T, A, false, false, true, false>,  scale_kernel<T, A, false, false, true, true>,
+      scale_kernel<T, A, false, true, false, false>,  scale_kernel<T, A, false, true, false, true>,
+      scale_kernel<T, A, false, true, true, false>,   scale_kernel<T, A, false, true, true, true>,
+      scale_kernel<T, A, true, false, false, false>,  scale_kernel<T, A, true, false, false, true>,
+      scale_kernel<T, A, true, false, true, false>,   scale_kernel<T, A, true, false, true, true>,
+      scale_kernel<T, A, true, true, false, false>,   scale_kernel<T, A, true, true, false, true>,
+      scale_kernel<T, A, true, true, true, false>,    scale_kernel<T, A, true, true, true, true>};
+  return table[8 * vector + 4 * pixel_rows + 2 * relu + res];
+}
+
+template <typename T, typename A>
+auto grad_input_variant(bool vector, bool pixel_rows, bool masked) {
+  using Kernel = void (*)(const T*, const uint8_t*, const A*, const A*, T*, T*, RowTiles, int64_t);
+  const Kernel table[8] = {
+      grad_input_kernel<T, A, false, false, false>, grad_input_kernel<T, A, false, false, true>,
+      grad_input_kernel<T, A, false, true, false>,  grad_input_kernel<T, A, false, true, true>,
+      grad_input_kernel<T, A, true, false, false>,  grad_input_kernel<T, A, true, false, true>,
+      grad_input_kernel<T, A, true, true, false>,   grad_input_kernel<T, A, true, true, true>};
+  return table[4 * vector + 2 * pixel_rows + masked];
+}
+
+// Weight gradients: one chunk of the batch per thread up to kWeightGradChunk samples; more
+// samples are split into chunks (more blocks in flight, each summing fewer samples in series),
+// whose partial sums a second kernel adds in order.
+constexpr int64_t kWeightGradChunk = 32;
 
 int64_t channel_blocks(const Geometry& g) {
   return g.pixel_rows ? (g.C + 31) / 32 : (g.C + kWarps - 1) / kWarps;
@@ -391,11 +585,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
         hidden.mutable_data_ptr<A>(), logits.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(), g.C, g.S, g.L,
         sp.splits, activation_code(act), gate_code(gt));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t rows = g.N * g.rows, warps = rows * ((g.row_len + 31) / 32);
-    scale_kernel<scalar_t, A><<<grid_1d((warps * 32 + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr,
-        y.mutable_data_ptr<scalar_t>(), out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr,
-        gates.const_data_ptr<A>(), lay, rows, out_relu);
+    const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
+    scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+        out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), t, g.mask_row_bytes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, pooled, hidden, logits, mask};
@@ -433,6 +627,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dz2 = at::empty({g.N, g.C}, acc_opts);
   at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
   at::Tensor dp = at::empty({g.N, g.C}, acc_opts);
+  at::Tensor z = at::empty({g.N, g.S}, acc_opts);
+  const int64_t wchunks = (g.N + kWeightGradChunk - 1) / kWeightGradChunk;
+  const int64_t per_chunk = (g.N + wchunks - 1) / wchunks;
+  at::Tensor wpartial = wchunks > 1 ? at::empty({wchunks * (2 * g.S * g.C + g.S + g.C)}, acc_opts) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -444,23 +642,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     excite_backward_kernel<scalar_t, A><<<grid_1d(g.N), kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
         partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>(),
         hidden.const_data_ptr<A>(), logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(),
-        dz2.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(), dp.mutable_data_ptr<A>(), g.C, g.S, g.L, sp.splits,
+        dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(), dp.mutable_data_ptr<A>(),
+        g.C, g.S, g.L, sp.splits,
         activation_code(act), gate_code(gt));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_grad_x || need_grad_residual) {
-      const int64_t numel = x.numel();
-      grad_input_kernel<scalar_t, A><<<grid_1d((numel + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(),
-          need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-          need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr, lay, numel, out_relu);
+      scalar_t* dx = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dres = need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+      const RowTiles t = element_tiles<scalar_t>(g, {grad_y.const_data_ptr(), dx, dres});
+      grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
+          grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(), dx, dres, t,
+          g.mask_row_bytes);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    weight_grads_kernel<scalar_t, A><<<grid_1d((g.C + kThreads - 1) / kThreads * g.S), kThreads, 0, stream>>>(
-        dz1.const_data_ptr<A>(), dz2.const_data_ptr<A>(), hidden.const_data_ptr<A>(), pooled.const_data_ptr<A>(),
-        grad_w1.mutable_data_ptr<scalar_t>(), grad_b1.mutable_data_ptr<scalar_t>(),
-        grad_w2.mutable_data_ptr<scalar_t>(), grad_b2.mutable_data_ptr<scalar_t>(), g.N, g.C, g.S,
-        activation_code(act));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t wblocks = (g.C + kThreads - 1) / kThreads * g.S * wchunks;
+    if (wchunks == 1) {
+      weight_grads_kernel<A, scalar_t><<<grid_1d(wblocks), kThreads, 0, stream>>>(
+          dz1.const_data_ptr<A>(), dz2.const_data_ptr<A>(), z.const_data_ptr<A>(), pooled.const_data_ptr<A>(),
+          grad_w1.mutable_data_ptr<scalar_t>(), grad_b1.mutable_data_ptr<scalar_t>(),
+          grad_w2.mutable_data_ptr<scalar_t>(), grad_b2.mutable_data_ptr<scalar_t>(), g.N, g.C, g.S, per_chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      A* part = wpartial.mutable_data_ptr<A>();
+      A* pw1 = part;
+      A* pb1 = pw1 + wchunks * g.S * g.C;
+      A* pw2 = pb1 + wchunks * g.S;
+      A* pb2 = pw2 + wchunks * g.C * g.S;
+      weight_grads_kernel<A, A><<<grid_1d(wblocks), kThreads, 0, stream>>>(
+          dz1.const_data_ptr<A>(), dz2.const_data_ptr<A>(), z.const_data_ptr<A>(), pooled.const_data_ptr<A>(), pw1,
+          pb1, pw2, pb2, g.N, g.C, g.S, per_chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t outputs = 2 * g.S * g.C + g.S + g.C;
+      weight_grads_sum_kernel<scalar_t, A><<<grid_1d((outputs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          part, grad_w1.mutable_data_ptr<scalar_t>(), grad_b1.mutable_data_ptr<scalar_t>(),
+          grad_w2.mutable_data_ptr<scalar_t>(), grad_b2.mutable_data_ptr<scalar_t>(), g.C, g.S, wchunks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_res};
 }

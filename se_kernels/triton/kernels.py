@@ -54,7 +54,7 @@ def _activation_grad(u, ACT: tl.constexpr):
         cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
         return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
     else:
-        return tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u / 3.0 + 0.5, 1.0))
+        return tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, 1.0))
 
 
 @triton.jit

@@ -21,8 +21,8 @@ GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 
 # Largest (C, H*W) slice (padded to powers of two) one program holds in registers: the fused
 # plans read x (forward) or dy and x (backward) once. Larger slices take the split plan.
-# 16384 forward spilled on sm_80 and sm_90 (255 registers, ~100 B of spills at 256 x 64, 8 warps;
-# benchmarks/results/triton_resources.md).
+# 16384 forward spilled on sm_80 and sm_90 (255 registers, 88-168 B of spill stores at 256 x 64,
+# 8 warps; benchmarks/triton_aot.py).
 FUSED_FORWARD_ELEMENTS = 8192
 FUSED_BACKWARD_ELEMENTS = 8192
 TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kernels
@@ -137,6 +137,17 @@ def _warps(elements: int) -> int:
     return 8 if elements >= 4096 else 4
 
 
+def _sums_warps(dot: bool) -> int:
+    """Warps of channel_sums_kernel on the split plan's 4096-element tiles: every variant at most
+    128 registers (16 resident warps/SM or more) and no spills, on sm_80 and sm_90
+    (benchmarks/results/triton_resources.md). The dot sums (backward: dy' * x) take 8 warps, 16
+    elements a thread: with 4 warps, x, dy, the unpacked relu-mask bits and the [BLOCK_C, BLOCK_L]
+    accumulator took up to 217 registers (8 resident warps/SM); with 8, at most 126. The plain
+    sums (forward) keep 4 warps, at most 128 registers: with 8 warps (or 4 on a 2048-element
+    tile) the float32 NCHW ones spill 4 B at 48 registers on sm_90."""
+    return 8 if dot else 4
+
+
 def _channel_sums(g: Geometry, plan: Plan, x, dy, mask_arg, dot: bool, dtype: torch.dtype):
     """The split plans' first pass: partial (N, splits, C) pixel sums of x (dot: of dy' * x,
     dy' = dy masked by the relu mask)."""
@@ -144,7 +155,7 @@ def _channel_sums(g: Geometry, plan: Plan, x, dy, mask_arg, dot: bool, dtype: to
     _k(kernels.channel_sums_kernel)[plan.grids["channel_sums_kernel"]](
         x, dy, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, plan.per_split, plan.splits,
         DOT=dot, OUT_RELU=dot and g.out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=plan.block_c,
-        BLOCK_L=plan.block_l, WIDE=g.wide, num_warps=4,  # 8 warps spilled 4 B at 48 registers (sm_90)
+        BLOCK_L=plan.block_l, WIDE=g.wide, num_warps=_sums_warps(dot),
     )
     return partial
 

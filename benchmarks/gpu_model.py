@@ -1,0 +1,600 @@
+"""Performance model of the two GPU backends (Triton: se_kernels/triton/, CUDA:
+csrc/cuda/se_cuda.cu) on an NVIDIA H200, kernel by kernel, as the kernels are written. No GPU:
+shapes and arithmetic only (the Triton plan comes from launch.Plan on meta tensors).
+
+    python benchmarks/gpu_model.py                  # writes benchmarks/results/gpu_model.md
+    python benchmarks/gpu_model.py --hbm 4.8e12     # the datasheet bandwidth instead
+    python benchmarks/gpu_model.py --check          # exit 1 if a >= 32 MiB site misses a target
+
+Per kernel: bytes from HBM, bytes served by L2 hits, and the dependent L2 round trips of one
+program (block). Its time is the largest of
+  * HBM bytes / min(HBM bandwidth, bytes in flight / HBM latency, active SMs x per-SM bandwidth),
+    bytes in flight = active SMs x resident warps/SM x bytes of loads one warp has outstanding;
+    active SMs = min(SMs, programs); resident warps = min(what registers/shared memory allow,
+    programs per SM x warps per program);
+  * all bytes through L2 (HBM + hits) / min(L2 bandwidth, active SMs x per-SM bandwidth);
+  * waves x round trips x L2 round-trip time (the serial loops: excite, weight grads).
+A plan's time is the sum over its kernels plus one launch gap between consecutive kernels.
+The floor is the op's compulsory HBM bytes at the HBM bandwidth, with no gaps.
+
+Re-reads: the split plans read x (backward: dy and the mask) twice, the second pass walking
+the tiles last-first. It is counted as L2 hits only if everything touched between the first
+read of a tile and its re-read fits the effective L2 (forward: x + residual + y + mask,
+backward: dy + x + mask + dx + d_residual, whole batch); otherwise the whole re-read is HBM.
+Weights and the small (N, C) / (N, S) vectors are L2 hits (they fit and were just touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from itertools import product
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+import shapes  # noqa: E402
+from shapes import Site  # noqa: E402
+from se_kernels.triton import launch  # noqa: E402
+
+# ---- inputs (each with its source) ----------------------------------------------------------
+# Bytes read + written per second by a device-to-device copy through PyTorch on an H200 lent to
+# this project's workplace (2026-10-28 and 2026-11-04).
+HBM_BW = 4.3e12
+HBM_BW_DATASHEET = 4.8e12  # B/s: NVIDIA's H200 datasheet (--hbm 4.8e12)
+SMS = 132  # PyTorch's device properties on that H200
+L2_BYTES = 60e6  # PyTorch's device properties on that H200 ("60 MB")
+# ASSUMPTION (conservative): Hopper's L2 is two partitions; a line used by SMs on both sides may be
+# held in both, so only half of it is counted on for reuse.
+L2_EFFECTIVE = L2_BYTES / 2
+L2_BW_FACTOR = 2.0  # ASSUMPTION: L2 hit bandwidth = 2 x the HBM copy rate; replace by a GPU measurement
+LAUNCH_GAP = 2e-6  # s, ASSUMPTION: gap between dependent kernels on one stream; to be measured
+HBM_LATENCY = 800e-9  # s, ASSUMPTION (lead): loaded HBM latency; bytes in flight needed = bandwidth x it
+# s, ASSUMPTION: one dependent L2-hit round trip under load (the brief's "~1 us / 4 in flight")
+L2_ROUND_TRIP = 0.25e-6
+SM_BW = 64 * 1.98e9  # B/s, ASSUMPTION: one SM's L1<->L2 path, 64 B/clock at the 1.98 GHz boost clock
+SECTOR = 32  # bytes an L1 miss fetches from L2
+# ASSUMPTION: loads in flight per thread in se_cuda.cu's runtime-length loops (nvcc's usual unroll
+# by 4; check the SASS)
+CUDA_UNROLL = 4
+CUDA_WGRAD_UNROLL = 8  # se_cuda.cu: weight_grads_kernel's loop is `#pragma unroll 8`
+# ASSUMPTION: scale/grad_input issue the loads of a tile's 4 steps together (se_tiles.h: "4 x 16 B
+# in flight per lane"); each step's loads sit behind branches, so check the SASS
+CUDA_STEPS_IN_FLIGHT = 4
+CUDA_THREADS = 256  # se_cuda.cu kThreads
+REGS_PER_SM, MAX_WARPS_SM, MAX_BLOCKS_SM, SMEM_SM = 65536, 64, 32, 228 * 1024  # sm_90 limits
+TRITON_DEFAULT_RESIDENT = 8  # fallback: the fewest resident warps/SM in triton_resources.md (flagged)
+CUDA_DEFAULT_REGS = 64  # fallback registers of a CUDA kernel missing from cuda_ptxas.md (flagged)
+TARGETS = {"forward": 0.85, "backward": 0.75}
+SUMMARY_MIN_X = 32 * 2**20  # the summary covers sites whose x is at least this many bytes
+TRITON_TABLE = HERE / "results" / "triton_resources.md"
+CUDA_TABLE = HERE / "results" / "cuda_ptxas.md"
+DEFAULT_OUT = HERE / "results" / "gpu_model.md"
+DTYPES = {"float32": (torch.float32, 4, "float"), "bfloat16": (torch.bfloat16, 2, "c10::BFloat16")}
+EPILOGUES, BACKENDS, DIRECTIONS = ("none", "residual_relu"), ("triton", "cuda"), ("forward", "backward")
+# shapes.shape_set("efficientnet-b0") run on 2026-11-30 (torchvision 0.29.1): hard-coded because
+# deriving it builds and runs the model (seconds); --derive-efficientnet derives it instead.
+EFFICIENTNET_B0 = tuple(Site(32, c, hw, hw, s, "silu", "sigmoid", k) for c, hw, s, k in (
+    (32, 112, 8, 1), (96, 56, 4, 1), (144, 56, 6, 1), (144, 28, 6, 1), (240, 28, 10, 1), (240, 14, 10, 1),
+    (480, 14, 20, 3), (672, 14, 28, 2), (672, 7, 28, 1), (1152, 7, 48, 4)))
+
+
+def cdiv(a: float, b: float) -> int:
+    return int(-(-a // b))
+
+
+@dataclass(frozen=True)
+class Device:
+    """The modelled GPU: bandwidths in B/s, times in s, sizes in bytes."""
+    hbm_bw: float = HBM_BW
+    l2_bw: float = L2_BW_FACTOR * HBM_BW
+    launch_gap: float = LAUNCH_GAP
+    sms: int = SMS
+    l2_effective: float = L2_EFFECTIVE
+    hbm_latency: float = HBM_LATENCY
+    l2_round_trip: float = L2_ROUND_TRIP
+    sm_bw: float = SM_BW
+
+
+@dataclass
+class Kernel:
+    """One launch. hbm: bytes to/from HBM; l2: bytes served by L2 hits; chain: dependent L2
+    round trips of one program; load_per_warp: bytes of loads one warp has outstanding at once;
+    resident: warps/SM its registers and shared memory allow."""
+    name: str
+    programs: int
+    warps: int
+    resident: int
+    load_per_warp: float
+    hbm: float
+    l2: float = 0.0
+    chain: float = 0.0
+    # filled by timed():
+    resident_used: int = 0
+    seconds: float = 0.0
+    bound: str = ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One (site, dtype, epilogue, direction): the bytes every plan moves at least."""
+    site: Site
+    dtype: str
+    epilogue: str
+    direction: str
+
+    @property
+    def elem(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def residual(self) -> bool:
+        return self.epilogue == "residual_relu"
+
+    @property
+    def numel(self) -> int:
+        return self.site.n * self.site.c * self.site.h * self.site.w
+
+    x_bytes = property(lambda self: self.numel * self.elem)
+
+    @property
+    def mask_bytes(self) -> int:
+        """The relu mask: one bit per element, each NCHW row (H*W pixels) starting on a byte."""
+        return self.site.n * self.site.c * cdiv(self.site.h * self.site.w, 8) if self.residual else 0
+
+    def floor_bytes(self) -> int:
+        """forward: x [+ residual] read, y [+ mask] written; backward: dy, x [+ mask] read, dx
+        [+ d_residual] written."""
+        tensors = (3 if self.direction == "backward" else 2) + self.residual
+        return tensors * self.x_bytes + self.mask_bytes
+
+    def reread_fits(self, dev: Device) -> bool:
+        """Whether what the batch touches between a tile's first read and its re-read, (x +
+        residual + y) or (dy + x + dx + d_residual), plus the mask (= the floor bytes), fits L2."""
+        return self.floor_bytes() <= dev.l2_effective
+
+
+# ---- resource tables ------------------------------------------------------------------------
+
+def _cells(line: str) -> List[str]:
+    return [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+
+
+def _low(cell: str) -> int:
+    """The sm_90 value of 'a / b', the low end of a range 'lo–hi'."""
+    return int(cell.split(" / ")[0].split("–")[0])
+
+
+@dataclass
+class Resources:
+    """triton_resources.md's variant rows and cuda_ptxas.md's sm_90 rows; `missing` collects
+    the lookups that fell back to a default."""
+    triton: List[List[str]]
+    cuda: Dict[Tuple[str, frozenset], Tuple[int, int]]
+    missing: set = field(default_factory=set)
+
+    @classmethod
+    def load(cls) -> "Resources":
+        triton, section = [], ""
+        for line in TRITON_TABLE.read_text().splitlines():
+            section = line if line.startswith("## ") else section
+            if section == "## Variants" and line.startswith("| `"):
+                triton.append(_cells(line))
+        cuda = {}
+        for line in CUDA_TABLE.read_text().splitlines():
+            m = re.match(r"\| 90 \| `(\w+)<(.*)>` \| (\d+) \| (\d+) \|", line)
+            if m:
+                args = frozenset(a.strip() for a in m.group(2).split(","))
+                cuda[(m.group(1), args)] = (int(m.group(3)), int(m.group(4)))
+        return cls(triton, cuda)
+
+    def triton_resident(self, kernel: str, dtype: str, block_c, block_l, block_s, warps: int) -> int:
+        """Resident warps/SM of the Triton variant (NCHW; '-' cells match anything); the low
+        end of the table's range."""
+        want = [str(v) if v is not None else "-" for v in (block_c, block_l, block_s)]
+        for row in self.triton:
+            name, _plan, dtypes, layouts, bc, bl, bs, w = row[:8]
+            if (name == kernel and dtype in dtypes.split(", ") and (layouts == "-" or "NCHW" in layouts)
+                    and all(have in ("-", v) for have, v in zip((bc, bl, bs), want)) and int(w) == warps):
+                return _low(row[-1])
+        self.missing.add(f"triton {kernel} {dtype} NCHW BLOCK_C={block_c} BLOCK_L={block_l} BLOCK_S={block_s} "
+                         f"{warps} warps: not in {TRITON_TABLE.name}, assumed {TRITON_DEFAULT_RESIDENT} warps/SM")
+        return TRITON_DEFAULT_RESIDENT
+
+    def cuda_resident(self, kernel: str, args: Sequence[str], smem: int = 0) -> int:
+        """Resident warps/SM of a 256-thread CUDA kernel from its registers (allocated per warp
+        in units of 256, 16384 per sub-partition) and shared memory (+1 KiB per block)."""
+        regs, static = self.cuda.get((kernel, frozenset(args)), (None, 0))
+        if regs is None:
+            regs = CUDA_DEFAULT_REGS
+            self.missing.add(f"cuda {kernel}<{', '.join(args)}>: not in {CUDA_TABLE.name}, "
+                             f"assumed {CUDA_DEFAULT_REGS} registers")
+        per_warp = cdiv(regs * 32, 256) * 256
+        warps_by_regs = 4 * (REGS_PER_SM // 4 // per_warp)
+        warps_per_block = CUDA_THREADS // 32
+        blocks = min(MAX_BLOCKS_SM, warps_by_regs // warps_per_block, SMEM_SM // (smem + static + 1024),
+                     MAX_WARPS_SM // warps_per_block)
+        return blocks * warps_per_block
+
+
+# ---- time of one kernel, of a plan ----------------------------------------------------------
+
+def timed(k: Kernel, dev: Device) -> Kernel:
+    """Fills k.seconds (see the module docstring), k.resident_used and k.bound."""
+    active = min(dev.sms, k.programs)
+    per_sm = cdiv(k.programs, active)
+    k.resident_used = min(k.resident, per_sm * k.warps)
+    waves = cdiv(per_sm, max(1, k.resident_used // k.warps))
+    in_flight = active * k.resident_used * k.load_per_warp
+    limits = {"HBM": dev.hbm_bw, "in-flight": in_flight / dev.hbm_latency, "SMs": active * dev.sm_bw}
+    hbm_limit = min(limits, key=limits.get)
+    terms = {
+        hbm_limit: k.hbm / limits[hbm_limit] if k.hbm else 0.0,
+        "L2": (k.hbm + k.l2) / min(dev.l2_bw, active * dev.sm_bw),
+        "chain": waves * k.chain * dev.l2_round_trip,
+    }
+    k.bound = max(terms, key=terms.get)
+    k.seconds = terms[k.bound]
+    return k
+
+
+@dataclass
+class Prediction:
+    problem: Problem
+    backend: str
+    kernels: List[Kernel]
+    reread: str  # "HBM", "L2" or "-" (no second pass)
+    hbm_bytes: float
+    seconds: float
+    floor: float
+
+    @property
+    def fraction(self) -> float:
+        return self.floor / self.seconds
+
+    @property
+    def floor_bytes_cap(self) -> float:
+        """The best fraction of floor the plan's HBM bytes allow."""
+        return self.problem.floor_bytes() / self.hbm_bytes
+
+
+def predict(p: Problem, backend: str, dev: Device, res: Resources, force_l2: bool = False) -> Prediction:
+    """The plan of `backend` for `p`; force_l2: the second pass hits L2 whatever fits (the
+    "x read once" bound)."""
+    reread_l2 = force_l2 or p.reread_fits(dev)
+    kernels = (triton_kernels if backend == "triton" else cuda_kernels)(p, res, reread_l2)
+    kernels = [timed(k, dev) for k in kernels]
+    second_pass = not (backend == "triton" and kernels[0].name.endswith("fused"))
+    seconds = sum(k.seconds for k in kernels) + dev.launch_gap * (len(kernels) - 1)
+    return Prediction(p, backend, kernels, ("L2" if reread_l2 else "HBM") if second_pass else "-",
+                      sum(k.hbm for k in kernels), seconds, p.floor_bytes() / dev.hbm_bw)
+
+
+def second_pass(p: Problem, reread_l2: bool) -> Tuple[float, float, float]:
+    """(bytes loaded, HBM bytes, L2-hit bytes) of the split plans' second pass: scale re-reads x,
+    reads the residual, writes y and the mask; grad_input re-reads dy and the mask, writes dx
+    [and d_residual]. The re-read is HBM or L2 as a whole."""
+    if p.direction == "backward":
+        again, other_reads, writes = p.x_bytes + p.mask_bytes, 0, p.x_bytes * (1 + p.residual)
+    else:
+        again, other_reads, writes = p.x_bytes, p.x_bytes * p.residual, p.x_bytes + p.mask_bytes
+    return again + other_reads, other_reads + writes + (0 if reread_l2 else again), again if reread_l2 else 0
+
+
+# ---- Triton (se_kernels/triton/launch.py and kernels.py) ------------------------------------
+
+def _triton_mlp(g, elem: int) -> Tuple[float, int]:
+    """(L2 bytes of W1 and W2 one program reads, S-loop iterations) for _excite /
+    _excite_backward: per iteration a [BLOCK_S, BLOCK_C] tile of W1 (rows along C: whole
+    sectors) and a [BLOCK_C, BLOCK_S] tile of W2 (rows along S, cut into BLOCK_S pieces when
+    BLOCK_S < S; each piece fetched as whole 32-byte sectors, no L1 reuse assumed)."""
+    iters = cdiv(g.S, g.block_s)
+    w1 = g.S * g.C * elem
+    w2 = g.S * g.C * elem if iters == 1 else g.C * iters * cdiv(g.block_s * elem, SECTOR) * SECTOR
+    return w1 + w2, iters
+
+
+def _sums_warps(dot: bool) -> int:
+    """launch._sums_warps where launch.py has it (it is being edited), else its fixed 4."""
+    return launch._sums_warps(dot) if hasattr(launch, "_sums_warps") else 4
+
+
+def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
+    """launch.forward/backward's launches for `p` (plan, grids and warps from launch.py itself):
+    fused (one program per sample) or channel_sums -> excite -> scale / grad_input; backward
+    then weight_grads."""
+    s, e, dt = p.site, p.elem, p.dtype
+    x = torch.empty(s.shape, dtype=DTYPES[dt][0], device="meta")
+    g = launch.Geometry(x, s.s, p.residual)
+    back = p.direction == "backward"
+    plan = launch.Plan(g, backward=back, sm_count=SMS)
+    n, c, l, acc = s.n, s.c, g.L, 4
+    mlp, iters = _triton_mlp(g, e)
+    vectors = n * (3 * c + s.s) * acc  # pooled/logits/gates (dz2/gates/dp), hidden (dz1): small, L2
+    xb, mask = p.x_bytes, p.mask_bytes
+    ks: List[Kernel] = []
+    if plan.fused:
+        name = "se_backward_fused_kernel" if back else "se_forward_fused_kernel"
+        warps = launch._warps((2 if back else 1) * g.block_c_all * g.block_l_all)
+        resident = res.triton_resident(name, dt, g.block_c_all, g.block_l_all, g.block_s, warps)
+        loads = (2 * xb + mask) if back else (xb * (2 if p.residual else 1))
+        ks.append(Kernel(name.replace("se_", "").replace("_kernel", ""), n, warps, resident,
+                         loads / n / warps, p.floor_bytes(), n * mlp + vectors, 1 + 2 * iters))
+    else:
+        c_blocks, l_blocks = cdiv(c, plan.block_c), cdiv(l, plan.block_l)
+        tile = (c / c_blocks) * (l / l_blocks)  # valid elements of an average tile
+        warps = _sums_warps(back)
+        sums_reads = 2 * xb + mask if back else xb
+        ks.append(Kernel("channel_sums", plan.grids["channel_sums_kernel"][0], warps,
+                         res.triton_resident("channel_sums_kernel", dt, plan.block_c, plan.block_l, None, warps),
+                         sums_reads / p.numel * tile / warps, sums_reads, n * plan.splits * c * acc))
+        name = "se_excite_backward_kernel" if back else "se_excite_kernel"
+        warps = launch._warps(launch.MLP_TILE_ELEMENTS)
+        ks.append(Kernel(name[3:-7], n, warps, res.triton_resident(name, dt, g.block_c_all, None, g.block_s, warps),
+                         0.0, 0.0, n * (mlp + plan.splits * c * acc) + vectors, 1 + 2 * iters))
+        name = "se_grad_input_kernel" if back else "se_scale_kernel"
+        warps = launch._warps(plan.block_c * plan.block_l)
+        loads, hbm, l2 = second_pass(p, reread_l2)
+        ks.append(Kernel(name[3:-7], plan.grids[name][0], warps,
+                         res.triton_resident(name, dt, plan.block_c, plan.block_l, None, warps),
+                         loads / p.numel * tile / warps, hbm, l2 + 2 * n * c * acc))
+    if back:  # one step per sample, its 4 loads in flight together: one L2 round trip a sample
+        bc, bs = plan.wgrad_block_c, plan.wgrad_block_s
+        ks.append(Kernel("weight_grads", plan.grids["se_weight_grads_kernel"][0], 4,
+                         res.triton_resident("se_weight_grads_kernel", dt, bc, None, bs, 4), 0.0, 0.0,
+                         plan.grids["se_weight_grads_kernel"][0] * n * 2 * (bc + bs) * acc
+                         + 2 * s.s * c * e, n))
+    return ks
+
+
+# ---- CUDA (csrc/cuda/se_cuda.cu, se_tiles.h) ------------------------------------------------
+
+def cuda_splits(n: int, c: int, l: int) -> Tuple[int, int, int]:
+    """(channel blocks, splits, pixels per split): channel_blocks() and pixel_splits() for
+    NCHW (8 channels a block, one per warp; ~4 blocks per SM; splits of a multiple of 32)."""
+    cblocks = cdiv(c, CUDA_THREADS // 32)
+    wanted = max(1, cdiv(4 * SMS, max(1, n * cblocks)))
+    splits = min(max(1, l // 32), wanted)
+    per_split = cdiv(cdiv(l, splits), 32) * 32
+    return cblocks, cdiv(l, per_split), per_split
+
+
+def cuda_tiles(p: Problem) -> Tuple[int, int]:
+    """(blocks, elements of an average warp's tile) of scale/grad_input: make_row_tiles() for
+    NCHW rows of H*W, a tile 32 lanes x 4 steps x the 16-byte vector width, rows cut into
+    tiles (the last one of a row shorter)."""
+    l, width = p.site.h * p.site.w, 16 // p.elem
+    chunks = cdiv(l, 32 * 4 * width)
+    return cdiv(p.site.n * p.site.c * chunks, CUDA_THREADS // 32), l / chunks
+
+
+def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
+    """se_forward_cuda / se_backward_cuda's launches (always split): channel_sums -> excite ->
+    scale, or channel_sums (dot) -> excite_backward -> grad_input -> weight_grads [-> _sum]."""
+    s, e, acc = p.site, p.elem, 4
+    n, c, l, sq = s.n, s.c, s.h * s.w, s.s
+    args = ("float",) if p.dtype == "float32" else (DTYPES[p.dtype][2], "float")
+    back = p.direction == "backward"
+    xb, mask = p.x_bytes, p.mask_bytes
+    warps = CUDA_THREADS // 32
+    cblocks, splits, per_split = cuda_splits(n, c, l)
+    vectors = n * (3 * c + sq) * acc
+    ks: List[Kernel] = []
+    # channel_sums: one warp per channel, lanes along the pixels, scalar loads, CUDA_UNROLL in flight
+    per_elem = 2 * e + (1 / 8 if p.residual else 0) if back else e
+    ks.append(Kernel("channel_sums", cblocks * splits * n, warps, res.cuda_resident("channel_sums_kernel", args),
+                     min(CUDA_UNROLL * 32, per_split) * per_elem, 2 * xb + mask if back else xb,
+                     n * splits * c * acc))
+    # excite(_backward): one block per sample, both weight matrices per sample from L2.
+    # Round trips: partials (a thread per channel); the warp-per-s loop over C (lanes along c,
+    # CUDA_UNROLL in flight); the thread-per-c loop over S (forward: W2 rows along S, a new
+    # sector each 32 bytes, L1 hits between; backward: W1 coalesced, CUDA_UNROLL in flight).
+    per_thread_c = cdiv(c, CUDA_THREADS)
+    chain = (per_thread_c * cdiv(splits, CUDA_UNROLL) + cdiv(sq, warps) * cdiv(c, 32 * CUDA_UNROLL)
+             + per_thread_c * (cdiv(sq, CUDA_UNROLL) if back else cdiv(sq * e, SECTOR)))
+    name = "excite_backward_kernel" if back else "excite_kernel"
+    ks.append(Kernel(name[:-7], n, warps, res.cuda_resident(name, args, (c + sq) * acc), 0.0, 0.0,
+                     n * (2 * sq * c * e + splits * c * acc) + vectors, chain))
+    # scale / grad_input: a warp per tile, last tile first, CUDA_STEPS_IN_FLIGHT steps' loads out
+    blocks, tile = cuda_tiles(p)
+    width = 16 // e if l % (16 // e) == 0 else 1  # vector path: H*W a multiple of it (pointers assumed aligned)
+    in_flight_elems = min(CUDA_STEPS_IN_FLIGHT * 32 * width, tile)
+    loads, hbm, l2 = second_pass(p, reread_l2)
+    name = "grad_input_kernel" if back else "scale_kernel"
+    ks.append(Kernel(name[:-7], blocks, warps, res.cuda_resident(name, args), in_flight_elems * loads / p.numel,
+                     hbm, l2 + 2 * n * c * acc))
+    if back:  # weight_grads: a thread per (c, s, chunk of <= 32 samples); dz2, pooled read once per s
+        chunks = cdiv(n, 32)
+        per_chunk = cdiv(n, chunks)
+        outputs = 2 * sq * c + sq + c
+        ks.append(Kernel("weight_grads", cdiv(c, CUDA_THREADS) * sq * chunks, warps,
+                         res.cuda_resident("weight_grads_kernel", ("float",) if chunks > 1 else args), 0.0, 0.0,
+                         cdiv(c, CUDA_THREADS) * CUDA_THREADS * sq * n * 2 * acc + chunks * outputs * acc,
+                         cdiv(per_chunk, CUDA_WGRAD_UNROLL)))
+        if chunks > 1:
+            ks.append(Kernel("weight_grads_sum", cdiv(outputs, CUDA_THREADS), warps,
+                             res.cuda_resident("weight_grads_sum_kernel", args), 0.0, 0.0,
+                             chunks * outputs * acc + outputs * e, cdiv(chunks, CUDA_UNROLL)))
+    return ks
+
+
+# ---- the runs and the report ----------------------------------------------------------------
+
+def shape_sets(derive_efficientnet: bool = False) -> List[Tuple[str, Tuple[Site, ...]]]:
+    imagenet = shapes.shape_set("imagenet-se-resnet50").sites
+    effnet = shapes.shape_set("efficientnet-b0").sites if derive_efficientnet else EFFICIENTNET_B0
+    return [("cifar-se-resnet18", shapes.shape_set("cifar-se-resnet18").sites),
+            ("imagenet-se-resnet50", imagenet),
+            ("imagenet-se-resnet50@256", tuple(replace(site, n=256) for site in imagenet)),
+            ("efficientnet-b0", effnet)]
+
+
+@dataclass
+class Row:
+    set_name: str
+    pred: Prediction
+    once: Prediction  # the same plan with the second pass all L2 hits
+
+
+def run(dev: Device, res: Resources, derive_efficientnet: bool = False) -> List[Row]:
+    """Every (set, site, dtype, epilogue, backend, direction), NCHW."""
+    rows = []
+    for set_name, sites in shape_sets(derive_efficientnet):
+        for site, dtype, epi, backend, direction in product(sites, DTYPES, EPILOGUES, BACKENDS, DIRECTIONS):
+            p = Problem(site, dtype, epi, direction)
+            rows.append(Row(set_name, predict(p, backend, dev, res), predict(p, backend, dev, res, force_l2=True)))
+    return rows
+
+
+def inputs_table(dev: Device) -> List[str]:
+    lines = ["| input | value | source |", "| --- | --- | --- |"]
+    for name, value, source in (
+        ("HBM bandwidth", f"{dev.hbm_bw:.3g} B/s", "device-to-device copy through PyTorch on an H200 lent to this "
+         "project's workplace (2026-10-28, 2026-11-04), bytes read + written; datasheet 4.8e12 via --hbm"),
+        ("SMs", dev.sms, "PyTorch's device properties on that H200"),
+        ("L2 / effective for reuse", f"{L2_BYTES / 1e6:.0f} MB / {dev.l2_effective / 1e6:.0f} MB",
+         "device properties / ASSUMPTION (conservative): two L2 partitions, a line used from both sides may be "
+         "held twice"),
+        ("L2 hit bandwidth", f"{dev.l2_bw:.3g} B/s", "ASSUMPTION: 2 x the HBM copy rate (--l2-bw); to be measured"),
+        ("per-SM L2 bandwidth", f"{dev.sm_bw:.3g} B/s", "ASSUMPTION: 64 B/clock at 1.98 GHz; caps kernels on few SMs"),
+        ("launch gap", f"{dev.launch_gap * 1e6:.1f} us", "ASSUMPTION: between dependent kernels on one stream "
+         "(--launch-gap); to be measured"),
+        ("HBM latency", f"{dev.hbm_latency * 1e9:.0f} ns", "ASSUMPTION (lead): bytes in flight needed = bandwidth "
+         f"x latency = {dev.hbm_bw * dev.hbm_latency / 1e6:.2f} MB"),
+        ("L2 round trip", f"{dev.l2_round_trip * 1e9:.0f} ns", "ASSUMPTION: one dependent L2-hit load under load "
+         "(serial loops: excite, weight grads)"),
+        ("CUDA loads in flight", f"loops {CUDA_UNROLL}/thread, tiles {CUDA_STEPS_IN_FLIGHT} steps/warp",
+         "ASSUMPTION: nvcc's usual unroll / se_tiles.h's comment; weight_grads' `#pragma unroll 8` as written"),
+        ("Triton resident warps/SM", TRITON_TABLE.name, "per kernel, dtype, tile, warps (sm_90, low end of range)"),
+        ("CUDA registers", CUDA_TABLE.name, "sm_90 rows; 256 threads per block; resident warps from "
+         "registers and shared memory"),
+    ):
+        lines.append(f"| {name} | {value} | {source} |")
+    return lines
+
+
+def rows_table(rows: List[Row]) -> List[str]:
+    lines = ["| set | site | dtype | epilogue | backend | dir | HBM MB | floor MB | x/dy HBM passes | re-read | "
+             "kernels: programs, resident warps/SM, us, bound | total us | floor us | frac of floor | x-once frac |",
+             "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        pr, p = r.pred, r.pred.problem
+        passes = 1 + (pr.reread == "HBM")
+        kernels = "; ".join(f"{k.name} {k.programs}p {k.resident_used}w {k.seconds * 1e6:.1f} {k.bound}"
+                            for k in pr.kernels)
+        lines.append(f"| {r.set_name} | {p.site.label} | {p.dtype} | {p.epilogue} | {pr.backend} | {p.direction} | "
+                     f"{pr.hbm_bytes / 1e6:.1f} | {p.floor_bytes() / 1e6:.1f} | {passes} | {pr.reread} | {kernels} | "
+                     f"{pr.seconds * 1e6:.1f} | {pr.floor * 1e6:.1f} | {pr.fraction:.2f} | {r.once.fraction:.2f} |")
+    return lines
+
+
+def summary(rows: List[Row]) -> Tuple[List[str], List[str]]:
+    """(markdown lines, misses) over the sites whose x is >= SUMMARY_MIN_X."""
+    by_case: Dict[tuple, Dict[tuple, Row]] = {}
+    for r in rows:
+        p = r.pred.problem
+        if p.x_bytes >= SUMMARY_MIN_X:
+            by_case.setdefault((r.set_name, p.site.label, p.dtype, p.epilogue, p.x_bytes), {})[
+                (r.pred.backend, p.direction)] = r
+    lines = [f"Targets: forward >= {TARGETS['forward']}, backward >= {TARGETS['backward']} of floor "
+             "(x-once: the same plan if its second pass hit L2). byte cap: floor bytes / the plan's HBM bytes, "
+             "the best fraction the plan's traffic allows at any efficiency (both backends move the same "
+             "HBM bytes).", "",
+             "| set | site | dtype | epilogue | x MiB | byte cap fwd / bwd | triton fwd | triton bwd | cuda fwd "
+             "| cuda bwd |",
+             "| --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- |"]
+    misses = []
+    for (set_name, label, dtype, epilogue, xb), case in by_case.items():
+        cells = []
+        for backend, direction in product(BACKENDS, DIRECTIONS):
+            r = case[(backend, direction)]
+            ok = r.pred.fraction >= TARGETS[direction]
+            cells.append(f"{r.pred.fraction:.2f} {'ok' if ok else 'MISS'} (x-once {r.once.fraction:.2f})")
+            if not ok:
+                misses.append(f"{set_name} {label} {dtype} {epilogue} {backend} {direction}: "
+                              f"{r.pred.fraction:.2f} < {TARGETS[direction]}")
+        cap = " / ".join(f"{case[('triton', d)].pred.floor_bytes_cap:.2f}" for d in DIRECTIONS)
+        lines.append(f"| {set_name} | {label} | {dtype} | {epilogue} | {xb / 2**20:.0f} | {cap} | "
+                     + " | ".join(cells) + " |")
+    return lines, misses
+
+
+KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on a GPU or in SASS
+    "Triton: a tile's loads are issued together before use (one cached sm_90 se_scale_kernel cubin: its "
+    "LDG.128s precede the math); loops are not software-pipelined (no async copies in the cached TTGIR of "
+    "channel_sums, excite, weight_grads), so a warp has one tile in flight.",
+    "Triton excite(_backward): per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
+    "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
+    "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",
+    "Triton weight_grads: each program walks the N samples in order, one L2 round trip a sample.",
+    "CUDA channel_sums: one element per lane and iteration, CUDA_UNROLL iterations in flight (ASSUMPTION).",
+    "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "
+    "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; "
+    "CUDA_STEPS_IN_FLIGHT steps' loads in flight (ASSUMPTION: they sit behind per-step branches).",
+    "CUDA excite(_backward): per sample, both matrices from L2; W2 is read along rows by one thread (forward) or "
+    "down columns by the lanes of a warp (backward): L1 reuse of those sectors assumed (L2 bytes = the matrix); "
+    "round trips: the partial sums, ceil(S/8) x ceil(C/128) for the warp-per-s loop, then the thread-per-c "
+    "loop (forward: a new W2 sector every 32 bytes; backward: ceil(S/4)).",
+    "CUDA weight_grads: dz2 and pooled are read once per s (S times over), counted as L2 bytes; "
+    "`#pragma unroll 8`: 8 samples per round trip; a second kernel adds the chunks when N > 32.",
+    "The (N, C)/(N, S) vectors, partial sums and weight gradients count as L2 traffic (small next to x).",
+)
+
+
+def report(rows: List[Row], dev: Device, res: Resources, derived: bool, command: str) -> Tuple[str, List[str]]:
+    summary_lines, misses = summary(rows)
+    md = ["# GPU performance model: Triton and CUDA backends on an H200 (no GPU run)", "",
+          f"Command: `{command}`. "
+          "A model of the kernels as written, from the code and the compilers' resource tables: every input "
+          "below marked ASSUMPTION is to be replaced by a GPU measurement. NCHW; weights in x's dtype; "
+          "activations/gates as each site's own (they do not change the bytes).", "",
+          "## Inputs", ""] + inputs_table(dev) + ["",
+          "EfficientNet-B0 sites: " + ("derived by running torchvision now." if derived else
+          "hard-coded (shapes.shape_set('efficientnet-b0') as run on 2026-11-30, torchvision 0.29.1); "
+          "--derive-efficientnet re-derives them."), "",
+          "## Model", "", __doc__.split("\n\n", 2)[2].strip(), ""] + [f"- {note}" for note in KERNEL_NOTES] + ["",
+          "Kernel cell: name, programs (blocks), resident warps/SM used, predicted us, the bound "
+          "(HBM; in-flight: too few bytes in flight for the HBM latency; SMs: too few SMs for the per-SM bandwidth; "
+          "L2; chain: serial L2 round trips). HBM MB: predicted HBM "
+          "bytes; x/dy HBM passes: how often the plan reads x (forward) or dy (backward) from HBM.", "",
+          "## Summary: sites whose x is >= 32 MiB", ""] + summary_lines + [""]
+    md += [f"{len(misses)} of {4 * sum(line.startswith('| ') for line in summary_lines[4:])} summary cases miss "
+           "their target.", ""]
+    md += ["## Flags (resource rows not found: defaults used)", ""]
+    md += [f"- {m}" for m in sorted(res.missing)] or ["- none"]
+    md += ["", "## Every case", ""] + rows_table(rows)
+    return "\n".join(md) + "\n", misses
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hbm", type=float, default=HBM_BW, help=f"HBM bandwidth, B/s (datasheet: {HBM_BW_DATASHEET:g})")
+    ap.add_argument("--l2-bw", type=float, default=None, help=f"L2 hit bandwidth, B/s (default {L2_BW_FACTOR} x --hbm)")
+    ap.add_argument("--launch-gap", type=float, default=LAUNCH_GAP * 1e6, help="gap between kernels, us")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--check", action="store_true", help="exit 1 if a >= 32 MiB site misses its target")
+    ap.add_argument("--derive-efficientnet", action="store_true", help="derive the EfficientNet-B0 sites")
+    args = ap.parse_args(argv)
+    dev = Device(hbm_bw=args.hbm, l2_bw=args.l2_bw or L2_BW_FACTOR * args.hbm, launch_gap=args.launch_gap * 1e-6)
+    res = Resources.load()
+    rows = run(dev, res, args.derive_efficientnet)
+    command = " ".join(["python benchmarks/gpu_model.py"] + list(sys.argv[1:] if argv is None else argv))
+    md, misses = report(rows, dev, res, args.derive_efficientnet, command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    print(md)
+    if args.check and misses:
+        print(f"{len(misses)} cases miss their targets:", *misses, sep="\n", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+// Index math and per-element math of the CUDA kernels, as __host__ __device__ functions so that
+// a host-compiled test (tests/cpp/tiles_host.cpp, driven by tests/test_cuda_tiles.py) can walk
+// every (block, warp, lane) of a launch and check what each writes and reads, without a GPU.
+//
+// The element-wise kernels (scale: y = out_act(x * g + residual); grad_input: dx = dy' * g + dp)
+// see a sample as `rows` rows of `row_len` contiguous elements (NCHW: C rows of H*W pixels;
+// channels_last: H*W rows of C channels; csrc/se_common.h). A warp takes one tile: kTileSteps
+// steps over a run of one row, each lane kVecBytes (16) per step when the vector path applies
+// (the row length a multiple of the vector width and every pointer 16-byte aligned), else one
+// element a step for kTileSteps * width steps. Tiles are numbered row-major (row, chunk), so the
+// only divisions are per warp (tile -> row, chunk; row -> sample), none per element.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SE_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define SE_HD inline
+#endif
+
+namespace se_kernels::tiles {
+
+constexpr int kLanes = 32;
+constexpr int kWarpsPerBlock = 8;  // 256 threads
+#ifndef SE_TILE_STEPS  // overridden only by benchmarks/cuda_resources.py, to count instructions per step
+#define SE_TILE_STEPS 4
+#endif
+constexpr int kTileSteps = SE_TILE_STEPS;  // vector steps per lane and tile: 4 x 16 B in flight per lane
+constexpr int kVecBytes = 16;
+
+// Elements in one 16-byte vector of T (float: 4, half/bfloat16: 8, double: 2).
+template <typename T>
+constexpr int vec_width() {
+  return kVecBytes / static_cast<int>(sizeof(T));
+}
+
+struct RowTiles {
+  int64_t rows;             // rows over the batch: N * rows_per_sample
+  int64_t rows_per_sample;  // C (NCHW) or H*W (channels_last)
+  int64_t row_len;          // H*W (NCHW) or C (channels_last)
+  int64_t C;                // channels: the gate of (n, c) is gates[n * C + c]
+  int64_t chunks;           // tiles per row
+  int64_t tile_len;         // kLanes * kTileSteps * width: a multiple of 8 (relu-mask bytes)
+  int width;                // elements per 16-byte vector of the element type
+  bool pixel_rows;          // channels_last rows: the gate changes along the row
+  bool vector;              // 16-byte accesses (row_len % width == 0, pointers aligned)
+
+  SE_HD int64_t tiles() const { return rows * chunks; }
+  SE_HD int64_t blocks() const { return (tiles() + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+  // Steps of one lane in a tile (the kernels: a compile-time constant, as their W).
+  SE_HD int steps() const { return vector ? kTileSteps : kTileSteps * width; }
+};
+
+SE_HD RowTiles make_row_tiles(int64_t N, int64_t C, int64_t L, bool pixel_rows, int width, bool vector) {
+  RowTiles t{};
+  t.rows_per_sample = pixel_rows ? L : C;
+  t.row_len = pixel_rows ? C : L;
+  t.rows = N * t.rows_per_sample;
+  t.C = C;
+  t.width = width;
+  t.pixel_rows = pixel_rows;
+  t.vector = vector && t.row_len % width == 0;
+  t.tile_len = int64_t(kLanes) * kTileSteps * width;
+  t.chunks = (t.row_len + t.tile_len - 1) / t.tile_len;
+  return t;
+}
+
+struct Tile {
+  int64_t row;        // over the batch
+  int64_t begin, end; // elements [begin, end) of the row
+  int64_t gate_base;  // gate index of element i of the row: gate_base + (pixel_rows ? i : 0)
+};
+
+// The tile of warp `warp` of block `block`; `reversed`: the last tile first (the second pass of
+// the split plan walks x backwards, reading first what the first pass read last, most likely
+// still in L2). Returns false for the warps past the last tile.
+SE_HD bool tile_of(const RowTiles& t, int64_t block, int warp, bool reversed, Tile* out) {
+  const int64_t k = block * kWarpsPerBlock + warp;
+  if (k >= t.tiles()) return false;
+  const int64_t item = reversed ? t.tiles() - 1 - k : k;
+  const int64_t row = item / t.chunks;
+  const int64_t n = row / t.rows_per_sample;
+  out->row = row;
+  out->begin = (item - row * t.chunks) * t.tile_len;
+  out->end = out->begin + t.tile_len < t.row_len ? out->begin + t.tile_len : t.row_len;
+  out->gate_base = t.pixel_rows ? n * t.C : n * t.C + (row - n * t.rows_per_sample);
+  return true;
+}
+
+// Offset from the tile's first element of lane `lane`'s elements at step `step`, the step
+// covering W elements (W: the vector width on the vector path, 1 on the scalar path): all inside
+// the tile when the first is (offset < tile_size), none otherwise. Consecutive lanes take
+// consecutive elements (vectors): each step of a warp is one contiguous, coalesced run of 32 * W
+// elements, and the kernels stop at the first step that starts past the tile.
+template <int W>
+SE_HD int step_offset(int step, int lane) {
+  return (step * kLanes + lane) * W;
+}
+
+// step_offset and mask_byte_in_tile are linear in the step: the kernels add step * these
+// strides to a per-lane base (the host test checks the identity).
+template <int W>
+SE_HD constexpr int step_stride() {
+  return kLanes * W;
+}
+template <int W>
+SE_HD constexpr int mask_bytes_per_step() {
+  return kLanes * W / 8;
+}
+
+// Elements in the tile (at most tile_len).
+SE_HD int tile_size(const Tile& tile) {
+  return static_cast<int>(tile.end - tile.begin);
+}
+
+// ---- relu-mask bytes (bit i of a row at byte i / 8, each row starting on a byte) -------------
+
+// The mask byte lane `lane` writes at step `step`, counted from the tile's first byte
+// (tile.begin / 8: tiles start on multiples of 8 elements), after gathering its bits; -1 when
+// it writes none; a writer lane's byte b at a step is written when b * 8 < size. W > 1 (vector path): a byte holds the bits of 8 / W lanes' vectors (float:
+// 2 lanes, half: 1, double: 4), the lowest of them writes it. W == 1 (scalar path): a step
+// covers 32 elements, 4 bytes, written by lanes 0-3.
+template <int W>
+SE_HD int mask_byte_in_tile(int step, int lane, int size) {
+  static_assert(W == 1 || W == 2 || W == 4 || W == 8, "a vector's bits must tile a byte");
+  if (W > 1) {
+    const int offset = step_offset<W>(step, lane);
+    return (lane % (8 / (W > 1 ? W : 8)) == 0 && offset < size) ? offset / 8 : -1;
+  }
+  const int first = step * kLanes + lane * 8;
+  return (lane < kLanes / 8 && first < size) ? first / 8 : -1;
+}
+
+// ---- per-element math (NaN-propagating like PyTorch's) -----------------------------------------
+
+SE_HD float se_exp(float v) { return expf(v); }
+SE_HD double se_exp(double v) { return exp(v); }
+SE_HD float se_erf(float v) { return erff(v); }
+SE_HD double se_erf(double v) { return erf(v); }
+
+template <typename A>
+SE_HD A clamp06(A v) {
+  return v < A(0) ? A(0) : (v > A(6) ? A(6) : v);
+}
+
+// act: 0 relu, 1 silu, 2 gelu (erf), 3 hardswish.
+template <typename A>
+SE_HD A activation(A u, int act) {
+  switch (act) {
+    case 0: return u < A(0) ? A(0) : u;
+    case 1: return u / (A(1) + se_exp(-u));
+    case 2: return A(0.5) * u * (A(1) + se_erf(u * A(0.7071067811865476)));
+    default: return u * clamp06(u + A(3)) / A(6);
+  }
+}
+
+template <typename A>
+SE_HD A activation_grad(A u, int act) {
+  switch (act) {
+    case 0: return u > A(0) ? A(1) : A(0);
+    case 1: {
+      const A s = A(1) / (A(1) + se_exp(-u));
+      return s * (A(1) + u * (A(1) - s));
+    }
+    case 2: {
+      const A cdf = A(0.5) * (A(1) + se_erf(u * A(0.7071067811865476)));
+      return cdf + u * se_exp(A(-0.5) * u * u) * A(0.3989422804014327);
+    }
+    default: return u <= A(-3) ? A(0) : (u < A(3) ? u / A(3) + A(0.5) : A(1));
+  }
+}
+
+// gate: 0 sigmoid, 1 hardsigmoid.
+template <typename A>
+SE_HD A gate_fn(A u, int gate) {
+  return gate == 0 ? A(1) / (A(1) + se_exp(-u)) : clamp06(u + A(3)) / A(6);
+}
+
+template <typename A>
+SE_HD A gate_grad(A u, A g, int gate) {
+  return gate == 0 ? g * (A(1) - g) : ((u > A(-3) && u < A(3)) ? A(1) / A(6) : A(0));
+}
+
+// The scale epilogue of one element: out_act(x * g + residual), and whether the relu let it
+// through (the mask bit). relu keeps NaN, as torch.relu does.
+// relu that keeps NaN (torch.relu's): one max.NaN instruction for float on the GPU.
+template <typename A>
+SE_HD A relu_keep_nan(A v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(A) == 4) {
+    float out;
+    asm("max.NaN.f32 %0, %1, 0f00000000;" : "=f"(out) : "f"(v));
+    return out;
+  }
+#endif
+  return v < A(0) ? A(0) : v;
+}
+
+template <typename A>
+SE_HD A scale_element(A x, A g, A res, bool has_res, bool out_relu, bool* through) {
+  A out = x * g;
+  if (has_res) out += res;
+  *through = out > A(0);
+  return out_relu ? relu_keep_nan(out) : out;
+}
+
+// grad_x of one element given dy' (dy where the relu let the output through, else 0).
+template <typename A>
+SE_HD A grad_input_element(A dy_kept, A g, A dp) {
+  return dy_kept * g + dp;
+}
+
+}  // namespace se_kernels::tiles

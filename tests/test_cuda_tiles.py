@@ -1,0 +1,140 @@
+"""The CUDA kernels' index math and per-element math, on the host: csrc/cuda/se_tiles.h holds
+them as __host__ __device__ functions; tests/cpp/tiles_host.cpp compiles that header with the
+host C++ compiler (no GPU, no CUDA toolkit) and walks every (block, warp, lane, step) of the
+element-wise launches (scale_kernel, grad_input_kernel) exactly as the kernels do. Checked: each
+output element written exactly once, every access inside its row and tile, vector accesses
+aligned, each element's gate index that of its (sample, channel), each relu-mask byte written
+exactly once from the 8 elements it holds; and the per-element math against the float64
+reference."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from se_kernels.reference import ACTIVATION_GRADS, ACTIVATIONS, GATE_GRADS, GATES
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "tests" / "cpp" / "tiles_host.cpp"
+ACTIVATION_CODES = {"relu": 0, "silu": 1, "gelu": 2, "hardswish": 3}  # csrc/se_common.h's Act
+GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
+WIDTHS = {"float32": 4, "bfloat16": 8, "float64": 2}  # 16 bytes of each
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    out = tmp_path_factory.mktemp("tiles") / "tiles_host.so"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", str(SOURCE), "-o",
+                    str(out)], check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(out))
+    i64 = ctypes.c_int64
+    lib.se_walk.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64,
+                            ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_int]
+    lib.se_walk.restype = ctypes.c_int
+    dptr = ctypes.POINTER(ctypes.c_double)
+    lib.se_math.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, dptr, dptr, dptr, dptr]
+    lib.se_math.restype = None
+    return lib
+
+
+def walk(lib, n, c, l, pixel_rows, width, vector, reversed_=True, first=-1, last=0):
+    msg = ctypes.create_string_buffer(256)
+    blocks = ctypes.c_int64()
+    rc = lib.se_walk(n, c, l, int(pixel_rows), width, int(vector), int(reversed_), first, last,
+                     ctypes.byref(blocks), msg, len(msg))
+    assert rc == 0, f"(N, C, L) = ({n}, {c}, {l}) pixel_rows={pixel_rows} width={width} vector={vector}: " \
+                    f"{msg.value.decode()}"
+    return blocks.value
+
+
+SHAPES = [(1, 1, 1), (3, 5, 7), (2, 24, 49), (2, 13, 196), (1, 8, 1), (3, 2048, 1), (2, 3, 100003),
+          (2, 64, 3136), (4, 1000, 12), (1, 1, 520), (1, 1, 511), (1, 1, 512), (1, 1, 513), (2, 9, 1025)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pixel_rows", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", list(WIDTHS))
+@pytest.mark.parametrize("vector", [True, False], ids=["vector", "scalar"])
+def test_every_element_once(lib, shape, pixel_rows, dtype, vector):
+    n, c, l = shape
+    for reversed_ in (True, False):
+        walk(lib, n, c, l, pixel_rows, WIDTHS[dtype], vector, reversed_)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2**31 + 5), (1, 2**31 + 16, 1), (2**20, 8, 1), (2**20, 3, 7),
+                                   (2, 1, 4096**2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pixel_rows", [False, True], ids=["nchw", "channels_last"])
+def test_large_shapes_first_and_last_blocks(lib, shape, pixel_rows):
+    """Over 2^31 elements in one sample (int64 offsets) and 2^20 samples: the first and last 300
+    blocks, and the block count within CUDA's grid.x limit."""
+    n, c, l = shape
+    for width, vector in ((4, True), (8, False)):
+        blocks = walk(lib, n, c, l, pixel_rows, width, vector, True, first=300, last=300)
+        assert 1 <= blocks <= 2**31 - 1
+
+
+def math(lib, which, code, dtype, u, v=None, w=None):
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) if a is not None else None for a in (u, v, w)]
+    out = np.empty_like(arrays[0])
+    ptr = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_double)) if a is not None else None  # noqa: E731
+    lib.se_math(which, code, dtype, out.size, ptr(arrays[0]), ptr(arrays[1]), ptr(arrays[2]), ptr(out))
+    return torch.from_numpy(out)
+
+
+def special_points():
+    g = torch.Generator().manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 3.0, -3.0, 1e-30, -1e-30, 40.0, -40.0, 100.0, -100.0, 3.0000001, -2.9999999])
+    return torch.cat([torch.randn(4000, generator=g, dtype=torch.float64) * 4, edges.double()])
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+def test_activation_math(lib, activation, bits):
+    u = special_points()
+    if bits == 32:
+        u = u.float().double()
+    tol = 1e-15 if bits == 64 else 2e-6  # float32: a few ulps of the intermediate terms
+    ref = ACTIVATIONS[activation](u)
+    torch.testing.assert_close(math(lib, 0, ACTIVATION_CODES[activation], bits, u), ref, rtol=tol, atol=tol)
+    grad = ACTIVATION_GRADS[activation](torch.ones_like(u), u)  # hardswish' at -3 and 3: 0 and 1
+    torch.testing.assert_close(math(lib, 1, ACTIVATION_CODES[activation], bits, u), grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+@pytest.mark.parametrize("gate", list(GATE_CODES))
+def test_gate_math(lib, gate, bits):
+    u = special_points()
+    if bits == 32:
+        u = u.float().double()
+    tol = 1e-15 if bits == 64 else 2e-6  # float32: a few ulps of the intermediate terms
+    torch.testing.assert_close(math(lib, 2, GATE_CODES[gate], bits, u), GATES[gate](u), rtol=tol, atol=tol)
+    # the reference's formula: aten's float64 hardsigmoid backward multiplies by a float32 1/6
+    grad = GATE_GRADS[gate](torch.ones_like(u), u, GATES[gate](u))
+    torch.testing.assert_close(math(lib, 3, GATE_CODES[gate], bits, u), grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("has_res", [False, True])
+@pytest.mark.parametrize("out_relu", [False, True])
+def test_epilogue_math(lib, has_res, out_relu):
+    g = torch.Generator().manual_seed(1)
+    x, gate, res = (torch.randn(3000, generator=g, dtype=torch.float64) for _ in range(3))
+    x[:3] = torch.tensor([float("nan"), 0.0, -0.0])
+    ref = x * gate + (res if has_res else 0)
+    code = int(has_res) + 2 * int(out_relu)
+    got = math(lib, 4, code, 64, x, gate, res)
+    expected = F.relu(ref) if out_relu else ref
+    torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15, equal_nan=True)
+    bits = math(lib, 5, code, 64, x, gate, res)
+    assert torch.equal(bits, (ref > 0).double()), "mask bit: the output before the relu > 0 (NaN: 0)"
+    dy, dp = res, gate.flip(0)
+    torch.testing.assert_close(math(lib, 6, 0, 64, dy, gate, dp), dy * gate + dp, rtol=1e-15, atol=1e-15)
