@@ -191,8 +191,9 @@ class Resources:
         for line in CUDA_TABLE.read_text().splitlines():
             m = re.match(r"\| 90 \| `(\w+)<(.*)>` \| (\d+) \| (\d+) \|", line)
             if m:
-                args = frozenset(a.strip() for a in m.group(2).split(","))
-                cuda[(m.group(1), args)] = (int(m.group(3)), int(m.group(4)))
+                args = tuple(a.strip() for a in m.group(2).split(","))
+                cuda[(m.group(1), frozenset(args))] = (int(m.group(3)), int(m.group(4)))
+                cuda[(m.group(1), args)] = (int(m.group(3)), int(m.group(4)))  # exact, with the flags
         return cls(triton, cuda)
 
     def triton_resident(self, kernel: str, dtype: str, block_c, block_l, block_s, warps: int) -> int:
@@ -211,7 +212,8 @@ class Resources:
     def cuda_resident(self, kernel: str, args: Sequence[str], smem: int = 0) -> int:
         """Resident warps/SM of a 256-thread CUDA kernel from its registers (allocated per warp
         in units of 256, 16384 per sub-partition) and shared memory (+1 KiB per block)."""
-        regs, static = self.cuda.get((kernel, frozenset(args)), (None, 0))
+        key = tuple(args) if kernel in ("scale_kernel", "grad_input_kernel") else frozenset(args)
+        regs, static = self.cuda.get((kernel, key), (None, 0))
         if regs is None:
             regs = CUDA_DEFAULT_REGS
             self.missing.add(f"cuda {kernel}<{', '.join(args)}>: not in {CUDA_TABLE.name}, "
@@ -345,12 +347,20 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
         ks.append(Kernel(name[3:-7], plan.grids[name][0], warps,
                          res.triton_resident(name, dt, plan.block_c, plan.block_l, None, warps),
                          loads / p.numel * tile / warps, hbm, l2 + 2 * n * c * acc))
-    if back:  # one step per sample, its 4 loads in flight together: one L2 round trip a sample
+    if back:  # one step per sample of its chunk, its 4 loads in flight together: one L2 round trip a sample
         bc, bs = plan.wgrad_block_c, plan.wgrad_block_s
-        ks.append(Kernel("weight_grads", plan.grids["se_weight_grads_kernel"][0], 4,
-                         res.triton_resident("se_weight_grads_kernel", dt, bc, None, bs, 4), 0.0, 0.0,
-                         plan.grids["se_weight_grads_kernel"][0] * n * 2 * (bc + bs) * acc
-                         + 2 * s.s * c * e, n))
+        programs = plan.grids["se_weight_grads_kernel"][0]
+        per_program = programs // plan.wgrad_chunks  # programs of one chunk
+        outputs = 2 * s.s * c + s.s + c
+        ks.append(Kernel("weight_grads", programs, 8,
+                         res.triton_resident("se_weight_grads_kernel", dt, bc, None, bs, 8), 0.0, 0.0,
+                         per_program * n * 2 * (bc + bs) * acc
+                         + (outputs * acc * plan.wgrad_chunks if plan.wgrad_chunks > 1 else 2 * s.s * c * e),
+                         plan.wgrad_per_chunk))
+        if plan.wgrad_chunks > 1:  # the chunks added in order: one L2 round trip a chunk
+            ks.append(Kernel("sum_chunks", plan.grids["se_sum_chunks_kernel"][0], 4,
+                             res.triton_resident("se_sum_chunks_kernel", dt, None, None, None, 4), 0.0, 0.0,
+                             plan.wgrad_chunks * outputs * acc + outputs * e, plan.wgrad_chunks))
     return ks
 
 
@@ -408,7 +418,11 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     in_flight_elems = min(CUDA_STEPS_IN_FLIGHT * 32 * width, tile)
     loads, hbm, l2 = second_pass(p, reread_l2)
     name = "grad_input_kernel" if back else "scale_kernel"
-    ks.append(Kernel(name[:-7], blocks, warps, res.cuda_resident(name, args), in_flight_elems * loads / p.numel,
+    # the variant: <T, float, vector, pixel_rows (NCHW: false), relu mask[, residual]>
+    relu = "true" if p.residual else "false"
+    flags = ("true" if width > 1 else "false", "false", relu) + (() if back else (relu,))
+    variant = (args[0], "float") + flags
+    ks.append(Kernel(name[:-7], blocks, warps, res.cuda_resident(name, variant), in_flight_elems * loads / p.numel,
                      hbm, l2 + 2 * n * c * acc))
     if back:  # weight_grads: a thread per (c, s, chunk of <= 32 samples); dz2, pooled read once per s
         chunks = cdiv(n, 32)
@@ -533,11 +547,12 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "Triton excite(_backward): per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
     "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",
-    "Triton weight_grads: each program walks the N samples in order, one L2 round trip a sample.",
+    "Triton weight_grads: each program walks its chunk of at most 32 samples in order, one L2 round trip a "
+    "sample; with several chunks, se_sum_chunks_kernel adds them (one round trip a chunk).",
     "CUDA channel_sums: one element per lane and iteration, CUDA_UNROLL iterations in flight (ASSUMPTION).",
     "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "
-    "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; "
-    "CUDA_STEPS_IN_FLIGHT steps' loads in flight (ASSUMPTION: they sit behind per-step branches).",
+    "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; on the "
+    "16-byte path a tile's loads are issued before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",
     "CUDA excite(_backward): per sample, both matrices from L2; W2 is read along rows by one thread (forward) or "
     "down columns by the lanes of a warp (backward): L1 reuse of those sectors assumed (L2 bytes = the matrix); "
     "round trips: the partial sums, ceil(S/8) x ceil(C/128) for the warp-per-s loop, then the thread-per-c "

@@ -148,6 +148,26 @@ def test_deterministic_and_plans_agree(monkeypatch):
     assert rel_err(y3, y1) < 1e-6 and all(rel_err(g3[k], g1[k]) < 1e-6 for k in GRAD_NAMES)
 
 
+@pytest.mark.parametrize("n", [33, 70])
+def test_weight_grads_over_batch_chunks(n):
+    """Over WGRAD_CHUNK (32) samples the weight gradients are summed per chunk of the batch by
+    more programs, the chunks then added in order (se_sum_chunks_kernel): right in float32 and
+    float64, and deterministic."""
+    from se_kernels.triton import launch
+
+    case = Case((n, 12, 2, 3), 4, "hardswish", "sigmoid", True, False, None)
+    g = launch.Geometry(torch.empty(case.shape, device="meta"), 4, out_relu=False)
+    plan = launch.Plan(g, backward=True, sm_count=132)
+    assert plan.wgrad_chunks == 2 + (n > 64) and "se_sum_chunks_kernel" in plan.grids
+    for dtype in (torch.float32, torch.float64):
+        check(case, dtype, fresh_seed())
+    inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    dy = torch.randn(case.shape, device=DEVICE)
+    _, g1 = run(fused_se, inputs, dy, case, backend="triton")
+    _, g2 = run(fused_se, inputs, dy, case, backend="triton")
+    assert all(torch.equal(g1[k], g2[k]) for k in ("w1", "b1", "w2", "b2"))
+
+
 @pytest.mark.skipif(ops.extension_error() is not None, reason="needs se_kernels._C for se_forward's schema")
 def test_schemas_match_the_native_ops():
     """The Triton ops are declared in Python; their schemas must stay se_forward/se_backward's."""

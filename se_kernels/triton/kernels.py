@@ -430,15 +430,20 @@ def se_grad_input_kernel(
 @triton.jit
 def se_weight_grads_kernel(
     dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr,  # (N, S), (N, C), (N, S), (N, C) in ACC
-    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,  # (S, C), (S), (C, S), (C) in the weights' dtype
-    N, C, S,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,  # (S, C), (S), (C, S), (C): chunk k's at k * chunk_stride
+    N, C, S, per_chunk, chunk_stride, o_db1, o_dw2, o_db2,  # o_*: element offsets of db1, dW2, db2
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dW2 = dz2^T act(hidden), dW1 = dz1^T pooled, db2 = sum dz2, db1 = sum dz1 for one
-    (C block, S block), adding the samples in order: deterministic. 1-D grid over (S blocks,
-    C blocks), C blocks fastest."""
-    pid_c = tl.program_id(0) % tl.cdiv(C, BLOCK_C)
-    pid_s = tl.program_id(0) // tl.cdiv(C, BLOCK_C)
+    """dW2 = dz2^T act(hidden), dW1 = dz1^T pooled, db2 = sum dz2, db1 = sum dz1 over the samples
+    [chunk * per_chunk, (chunk + 1) * per_chunk) for one (C block, S block), adding them in order:
+    deterministic. 1-D grid over (chunks, S blocks, C blocks), C blocks fastest. One chunk: the
+    weights' gradients themselves (cast to their dtype); several: ACC partials in one buffer
+    (passed four times, o_* apart), chunk k's at k * chunk_stride, added by se_sum_chunks_kernel."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    s_blocks = tl.cdiv(S, BLOCK_S)
+    pid_c = tl.program_id(0) % c_blocks
+    pid_s = tl.program_id(0) // c_blocks % s_blocks
+    chunk = tl.program_id(0) // (c_blocks * s_blocks)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     c_ok = c < C
@@ -447,7 +452,7 @@ def se_weight_grads_kernel(
     dw1 = tl.zeros([BLOCK_S, BLOCK_C], ACC)
     db2 = tl.zeros([BLOCK_C], ACC)
     db1 = tl.zeros([BLOCK_S], ACC)
-    for n in range(0, N):
+    for n in range(chunk * per_chunk, tl.minimum(N, (chunk + 1) * per_chunk)):
         dz2 = tl.load(dz2_ptr + n * C + c, mask=c_ok, other=0.0)
         dz1 = tl.load(dz1_ptr + n * S + s, mask=s_ok, other=0.0)
         z = tl.where(s_ok, _activation(tl.load(hidden_ptr + n * S + s, mask=s_ok, other=0.0), ACT), 0.0)
@@ -456,11 +461,32 @@ def se_weight_grads_kernel(
         dw1 += dz1[:, None] * p[None, :]
         db2 += dz2
         db1 += dz1
-    tl.store(dw2_ptr + c[:, None] * S + s[None, :], dw2.to(dw2_ptr.dtype.element_ty),
+    base = chunk * chunk_stride
+    tl.store(dw2_ptr + base + o_dw2 + c[:, None] * S + s[None, :], dw2.to(dw2_ptr.dtype.element_ty),
              mask=c_ok[:, None] & s_ok[None, :])
-    tl.store(dw1_ptr + s[:, None] * C + c[None, :], dw1.to(dw1_ptr.dtype.element_ty),
+    tl.store(dw1_ptr + base + s[:, None] * C + c[None, :], dw1.to(dw1_ptr.dtype.element_ty),
              mask=s_ok[:, None] & c_ok[None, :])
     if pid_s == 0:
-        tl.store(db2_ptr + c, db2.to(db2_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(db2_ptr + base + o_db2 + c, db2.to(db2_ptr.dtype.element_ty), mask=c_ok)
     if pid_c == 0:
-        tl.store(db1_ptr + s, db1.to(db1_ptr.dtype.element_ty), mask=s_ok)
+        tl.store(db1_ptr + base + o_db1 + s, db1.to(db1_ptr.dtype.element_ty), mask=s_ok)
+
+
+@triton.jit
+def se_sum_chunks_kernel(
+    partial_ptr,  # (CHUNKS, total) in ACC: each row [dW1 (S*C) | db1 (S) | dW2 (C*S) | db2 (C)]
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,  # the weights' gradients
+    C, S, CHUNKS, BLOCK: tl.constexpr,
+):
+    """The weight gradients: the chunks' partials added in chunk order (deterministic)."""
+    sc = S * C
+    total = 2 * sc + S + C
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < total
+    acc = tl.load(partial_ptr + j, mask=ok, other=0.0)
+    for k in range(1, CHUNKS):
+        acc += tl.load(partial_ptr + k * total + j, mask=ok, other=0.0)
+    tl.store(dw1_ptr + j, acc.to(dw1_ptr.dtype.element_ty), mask=ok & (j < sc))
+    tl.store(db1_ptr + (j - sc), acc.to(db1_ptr.dtype.element_ty), mask=ok & (j >= sc) & (j < sc + S))
+    tl.store(dw2_ptr + (j - sc - S), acc.to(dw2_ptr.dtype.element_ty), mask=ok & (j >= sc + S) & (j < 2 * sc + S))
+    tl.store(db2_ptr + (j - 2 * sc - S), acc.to(db2_ptr.dtype.element_ty), mask=ok & (j >= 2 * sc + S))

@@ -27,6 +27,8 @@ FUSED_FORWARD_ELEMENTS = 8192
 FUSED_BACKWARD_ELEMENTS = 8192
 TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kernels
 MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the per-sample MLP
+WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
+SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 
 
 def _pow2(n: int) -> int:
@@ -100,6 +102,10 @@ class Plan:
         c_blocks = triton.cdiv(g.C, self.block_c)
         self.wgrad_block_c = min(_pow2(g.C), 64)
         self.wgrad_block_s = min(_pow2(g.S), 64)
+        # the weight gradients sum the batch in chunks of at most WGRAD_CHUNK samples, one set of
+        # programs per chunk (more programs in flight, fewer samples in series each)
+        self.wgrad_chunks = triton.cdiv(g.N, WGRAD_CHUNK)
+        self.wgrad_per_chunk = triton.cdiv(g.N, self.wgrad_chunks) if g.N else 1
         if self.fused:
             self.grids = {("se_backward_fused_kernel" if backward else "se_forward_fused_kernel"): (g.N,)}
         else:
@@ -111,7 +117,9 @@ class Plan:
             }
         if backward:
             self.grids["se_weight_grads_kernel"] = (
-                triton.cdiv(g.C, self.wgrad_block_c) * triton.cdiv(g.S, self.wgrad_block_s),)
+                triton.cdiv(g.C, self.wgrad_block_c) * triton.cdiv(g.S, self.wgrad_block_s) * self.wgrad_chunks,)
+            if self.wgrad_chunks > 1:
+                self.grids["se_sum_chunks_kernel"] = (triton.cdiv(2 * g.S * g.C + g.S + g.C, SUM_BLOCK),)
         for name, grid in self.grids.items():
             if grid[0] > GRID_X_MAX:
                 raise ValueError(f"se_kernels: {name} would need {grid[0]} programs, over CUDA's grid limit")
@@ -266,8 +274,21 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
                     ACC=g.acc, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, WIDE=g.wide,
                     num_warps=_warps(plan.block_c * plan.block_l),
                 )
+        grads = (grad_w1, grad_b1, grad_w2, grad_b2)
+        total = 2 * g.S * g.C + g.S + g.C
+        if plan.wgrad_chunks == 1:
+            outs, stride, offsets = grads, 0, (0, 0, 0)
+        else:  # ACC partials, one row per chunk: [dW1 | db1 | dW2 | db2]
+            partial = torch.empty((plan.wgrad_chunks, total), device=x.device, dtype=pooled.dtype)
+            sc = g.S * g.C
+            outs, stride, offsets = (partial,) * 4, total, (sc, sc + g.S, 2 * sc + g.S)
         _k(kernels.se_weight_grads_kernel)[plan.grids["se_weight_grads_kernel"]](
-            dz1, dz2, hidden, pooled, grad_w1, grad_b1, grad_w2, grad_b2, g.N, g.C, g.S,
-            ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s, num_warps=4,
+            dz1, dz2, hidden, pooled, *outs, g.N, g.C, g.S, plan.wgrad_per_chunk, stride, *offsets,
+            ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s,
+            num_warps=8,  # two 64 x 64 accumulators: 4 warps spilled 4 B at 128 registers (sm_90)
         )
+        if plan.wgrad_chunks > 1:
+            _k(kernels.se_sum_chunks_kernel)[plan.grids["se_sum_chunks_kernel"]](
+                partial, *grads, g.C, g.S, plan.wgrad_chunks, BLOCK=SUM_BLOCK, num_warps=4,
+            )
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual
