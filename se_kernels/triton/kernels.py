@@ -8,9 +8,10 @@ have x's strides. The weights are contiguous: w1 (S, C), w2 (C, S). Float32 accu
 Two plans (chosen in launch.py):
   * fused: one program per sample holds its whole (C, L) slice in registers: pool, MLP, scale
     (backward: gate gradient, MLP backward, grad_x) in one launch, x read once.
-  * split: per-(sample, channel block, pixel split) partial sums, a per-sample excite kernel,
-    then a per-tile elementwise kernel; the reduction over pixels is spread over programs so a
-    few large samples still fill the GPU.
+  * split: per-(sample, channel block, pixel split) partial sums, the MLP (forward: two small
+    GEMMs over blocks of samples, each weight read once per block; backward: one program per
+    sample), then a per-tile elementwise kernel; the reduction over pixels is spread over
+    programs so a few large samples still fill the GPU.
 The weight gradients are one more kernel that sums the batch in order: deterministic, no atomics.
 
 The relu epilogue's mask is one bit per element, bit i of a row at byte i // 8 (rows: the H*W
@@ -307,28 +308,75 @@ def channel_sums_kernel(
 
 
 @triton.jit
-def se_excite_kernel(
+def se_hidden_kernel(
     partial_ptr,  # (N, SPLITS, C) pixel sums of x
-    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    pooled_ptr, hidden_ptr, logits_ptr, gates_ptr,  # (N, C), (N, S), (N, C), (N, C) in ACC
-    C, S, L, SPLITS,
-    ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    w1_ptr, b1_ptr,  # (S, C), (S)
+    pooled_ptr, hidden_ptr,  # (N, C), (N, S) in ACC
+    N, C, S, L, SPLITS,
+    HAS_B1: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per sample (BLOCK_C >= C): pooled, hidden, gate logits and gates."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
+    """The split plan's first GEMM over a block of samples: pooled = sum(partials) / L and
+    hidden = pooled W1^T + b1 for BLOCK_N samples x BLOCK_S hidden units, so each W1 row is read
+    once per BLOCK_N samples, and the programs (N blocks x S blocks) share the work. 1-D grid, N
+    blocks fastest; the S block 0 programs store pooled."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_s = tl.program_id(0) // n_blocks
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    n_ok = n < N
+    s_ok = s < S
+    acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        nc_ok = n_ok[:, None] & c_ok[None, :]
+        p = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        for split in range(0, SPLITS):
+            p += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0)
+        p = p / L
+        tl.store(pooled_ptr + n[:, None] * C + c[None, :], p, mask=nc_ok & (pid_s == 0))
+        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        acc += tl.sum(p[:, None, :] * w1[None, :, :], axis=2)
+    if HAS_B1:
+        acc += tl.load(b1_ptr + s, mask=s_ok, other=0.0).to(ACC)[None, :]
+    tl.store(hidden_ptr + n[:, None] * S + s[None, :], acc, mask=n_ok[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def se_logits_kernel(
+    hidden_ptr,  # (N, S) in ACC
+    w2_ptr, b2_ptr,  # (C, S), (C)
+    logits_ptr, gates_ptr,  # (N, C), (N, C) in ACC
+    N, C, S,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The split plan's second GEMM: logits = act(hidden) W2^T + b2 and the gates for BLOCK_N
+    samples x BLOCK_C channels (each W2 row read once per BLOCK_N samples). 1-D grid over (C
+    blocks, N blocks), N blocks fastest."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_c = tl.program_id(0) // n_blocks
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
     c_ok = c < C
-    p = tl.zeros([BLOCK_C], ACC)
-    for split in range(0, SPLITS):
-        p += tl.load(partial_ptr + (n * SPLITS + split) * C + c, mask=c_ok, other=0.0)
-    p = p / L
-    tl.store(pooled_ptr + n * C + c, p, mask=c_ok)
-    u2 = _excite(p, n, c, c_ok, w1_ptr, b1_ptr, w2_ptr, hidden_ptr, C, S, ACT, HAS_B1, ACC, BLOCK_C, BLOCK_S)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
+        z = tl.where(s_ok[None, :], _activation(u1, ACT), 0.0)
+        w2 = tl.load(w2_ptr + c[:, None] * S + s[None, :], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
+        acc += tl.sum(z[:, None, :] * w2[None, :, :], axis=2)
     if HAS_B2:
-        u2 += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    tl.store(logits_ptr + n * C + c, u2, mask=c_ok)
-    tl.store(gates_ptr + n * C + c, _gate(u2, GATE), mask=c_ok)
+        acc += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    out = n[:, None] * C + c[None, :]
+    ok = n_ok[:, None] & c_ok[None, :]
+    tl.store(logits_ptr + out, acc, mask=ok)
+    tl.store(gates_ptr + out, _gate(acc, GATE), mask=ok)
 
 
 @triton.jit

@@ -26,7 +26,10 @@ GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 FUSED_FORWARD_ELEMENTS = 8192
 FUSED_BACKWARD_ELEMENTS = 8192
 TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kernels
-MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the per-sample MLP
+MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the fused plans' per-sample MLP
+MLP_BLOCK_N = 8  # samples per program of the split plans' MLP GEMMs (each weight read N / 8 times)
+MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
+MLP_WARPS = 8  # 4 warps: 4-8 B spills at 40 registers in a few variants (sm_80, sm_90)
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 
@@ -100,6 +103,14 @@ class Plan:
         self.block_c, self.block_l = g.tile()
         self.splits, self.per_split = g.splits(self.block_c, self.block_l, sm_count)
         c_blocks = triton.cdiv(g.C, self.block_c)
+        # the split plan's MLP: two GEMMs over blocks of MLP_BLOCK_N samples, one program per
+        # (sample block, S block) then per (sample block, C block); [BLOCK_N, x, y] products of
+        # MLP_PRODUCT_ELEMENTS reduced along the inner dimension
+        self.mlp_block_n = min(_pow2(g.N), MLP_BLOCK_N)
+        self.mlp_block_s = min(_pow2(g.S), 16)
+        self.mlp_chunk_c = max(1, min(_pow2(g.C), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_s)))
+        self.mlp_block_c = min(_pow2(g.C), 32)
+        self.mlp_chunk_s = max(1, min(_pow2(g.S), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_c)))
         self.wgrad_block_c = min(_pow2(g.C), 64)
         self.wgrad_block_s = min(_pow2(g.S), 64)
         # the weight gradients sum the batch in chunks of at most WGRAD_CHUNK samples, one set of
@@ -111,7 +122,7 @@ class Plan:
         else:
             self.grids = {
                 "channel_sums_kernel": (g.N * c_blocks * self.splits,),
-                ("se_excite_backward_kernel" if backward else "se_excite_kernel"): (g.N,),
+                **self._mlp_grids(g, backward),
                 ("se_grad_input_kernel" if backward else "se_scale_kernel"):
                     (g.N * c_blocks * triton.cdiv(g.L, self.block_l),),
             }
@@ -123,6 +134,16 @@ class Plan:
         for name, grid in self.grids.items():
             if grid[0] > GRID_X_MAX:
                 raise ValueError(f"se_kernels: {name} would need {grid[0]} programs, over CUDA's grid limit")
+
+
+    def _mlp_grids(self, g: Geometry, backward: bool) -> dict:
+        """The split plan's MLP: forward, two GEMMs over sample blocks; backward, one program per
+        sample (a blocked version, se_dz1/se_dp, spilled 4 B in a few sm_90 variants: not yet)."""
+        if backward:
+            return {"se_excite_backward_kernel": (g.N,)}
+        n_blocks = triton.cdiv(g.N, self.mlp_block_n)
+        return {"se_hidden_kernel": (n_blocks * triton.cdiv(g.S, self.mlp_block_s),),
+                "se_logits_kernel": (n_blocks * triton.cdiv(g.C, self.mlp_block_c),)}
 
 
 _SM_COUNT: dict = {}
@@ -215,9 +236,15 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
             return y, pooled, hidden, logits, mask
         partial = _channel_sums(g, plan, x, x, mask_arg, dot=False, dtype=pooled.dtype)
         gates = torch.empty_like(pooled)
-        _k(kernels.se_excite_kernel)[plan.grids["se_excite_kernel"]](
-            partial, w1, b1_arg, w2, b2_arg, pooled, hidden, logits, gates, g.C, g.S, g.L, plan.splits,
-            **mlp, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s, num_warps=_warps(MLP_TILE_ELEMENTS),
+        _k(kernels.se_hidden_kernel)[plan.grids["se_hidden_kernel"]](
+            partial, w1, b1_arg, pooled, hidden, g.N, g.C, g.S, g.L, plan.splits,
+            HAS_B1=b1 is not None, ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_S=plan.mlp_block_s,
+            BLOCK_C=plan.mlp_chunk_c, num_warps=MLP_WARPS,
+        )
+        _k(kernels.se_logits_kernel)[plan.grids["se_logits_kernel"]](
+            hidden, w2, b2_arg, logits, gates, g.N, g.C, g.S,
+            ACT=ACTIVATION_CODES[activation], GATE=GATE_CODES[gate], HAS_B2=b2 is not None, ACC=g.acc,
+            BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s, num_warps=MLP_WARPS,
         )
         _k(kernels.se_scale_kernel)[plan.grids["se_scale_kernel"]](
             x, res, y, mask_arg, gates, g.C, g.L, *g.strides, g.row_bytes,
