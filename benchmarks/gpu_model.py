@@ -337,26 +337,24 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
         ks.append(Kernel("channel_sums", plan.grids["channel_sums_kernel"][0], warps,
                          res.triton_resident("channel_sums_kernel", dt, plan.block_c, plan.block_l, None, warps),
                          sums_reads / p.numel * tile / warps, sums_reads, n * plan.splits * c * acc))
-        if back:  # one program per sample: both weight matrices per sample from L2
-            name = "se_excite_backward_kernel"
-            warps = launch._warps(launch.MLP_TILE_ELEMENTS)
-            ks.append(Kernel(name[3:-7], n, warps,
-                             res.triton_resident(name, dt, g.block_c_all, None, g.block_s, warps),
-                             0.0, 0.0, n * (mlp + plan.splits * c * acc) + vectors, 1 + 2 * iters))
-        else:  # two GEMMs over blocks of mlp_block_n samples: each weight read once per block
-            bn, w = plan.mlp_block_n, launch.MLP_WARPS
-            n_blocks = cdiv(n, bn)
-            s_blocks, c_blocks2 = cdiv(s.s, plan.mlp_block_s), cdiv(c, plan.mlp_block_c)
-            # hidden: per program, its S rows of W1 and its samples' partials, chunk by chunk of C
-            ks.append(Kernel("hidden", plan.grids["se_hidden_kernel"][0], w,
-                             res.triton_resident("se_hidden_kernel", dt, plan.mlp_chunk_c, None, plan.mlp_block_s, w),
-                             0.0, 0.0, n_blocks * s.s * c * e + s_blocks * n * plan.splits * c * acc + n * c * acc,
-                             1 + cdiv(c, plan.mlp_chunk_c)))
-            # logits: per program, its C rows of W2 and its samples' hidden values
-            ks.append(Kernel("logits", plan.grids["se_logits_kernel"][0], w,
-                             res.triton_resident("se_logits_kernel", dt, plan.mlp_block_c, None, plan.mlp_chunk_s, w),
-                             0.0, 0.0, n_blocks * s.s * c * e + c_blocks2 * n * s.s * acc + 2 * n * c * acc,
-                             1 + cdiv(s.s, plan.mlp_chunk_s)))
+        # the MLP: two GEMMs over blocks of mlp_block_n samples, each weight row read once per block.
+        # forward: hidden (sample block x 16 hidden units; its W1 rows and its samples' partials
+        # chunk by chunk of C), logits (sample block x 32 channels; its W2 rows, the hidden values);
+        # backward: dz1 (as hidden, with W2 and the dot partials and logits), dp (as logits, with W1)
+        bn = plan.mlp_block_n
+        n_blocks = cdiv(n, bn)
+        s_blocks, c_blocks2 = cdiv(s.s, plan.mlp_block_s), cdiv(c, plan.mlp_block_c)
+        first, second = ("se_dz1_kernel", "se_dp_kernel") if back else ("se_hidden_kernel", "se_logits_kernel")
+        w1, w2 = plan.mlp_warps
+        first_extra = n * c * acc * (2 if back else 0)  # backward: logits read, dz2 and gates written
+        ks.append(Kernel(first[3:-7], plan.grids[first][0], w1,
+                         res.triton_resident(first, dt, plan.mlp_chunk_c, None, plan.mlp_block_s, w1),
+                         0.0, 0.0, n_blocks * s.s * c * e + s_blocks * n * plan.splits * c * acc + n * c * acc
+                         + first_extra, 1 + cdiv(c, plan.mlp_chunk_c)))
+        ks.append(Kernel(second[3:-7], plan.grids[second][0], w2,
+                         res.triton_resident(second, dt, plan.mlp_block_c, None, plan.mlp_chunk_s, w2),
+                         0.0, 0.0, n_blocks * s.s * c * e + c_blocks2 * n * s.s * acc + 2 * n * c * acc,
+                         1 + cdiv(s.s, plan.mlp_chunk_s)))
         name = "se_grad_input_kernel" if back else "se_scale_kernel"
         warps = launch._warps(plan.block_c * plan.block_l)
         loads, hbm, l2 = second_pass(p, reread_l2)
@@ -560,10 +558,10 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "Triton: a tile's loads are issued together before use (one cached sm_90 se_scale_kernel cubin: its "
     "LDG.128s precede the math); loops are not software-pipelined (no async copies in the cached TTGIR of "
     "channel_sums, excite, weight_grads), so a warp has one tile in flight.",
-    "Triton forward MLP (split plan): se_hidden_kernel and se_logits_kernel, programs over (8-sample block, "
-    "16 hidden units) and (8-sample block, 32 channels); each reads its weight rows once per sample block; one "
-    "L2 round trip per chunk of the inner dimension. "
-    "Triton excite(_backward): per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
+    "Triton MLP (split plan): se_hidden_kernel / se_logits_kernel (backward: se_dz1_kernel / se_dp_kernel), "
+    "programs over (8-sample block, 16 hidden units) and (8-sample block, 32 channels); each reads its weight "
+    "rows once per sample block; one L2 round trip per chunk of the inner dimension. "
+    "Triton fused plans' excite: per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
     "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",
     "Triton weight_grads: each program walks its chunk of at most 32 samples in order, one L2 round trip a "

@@ -610,7 +610,7 @@ def run_subprocess(selection: Selection, cache_dir: Path, jobs: int = 1, out_jso
 # ---- the report ------------------------------------------------------------------------------------
 
 KERNEL_ORDER = ("se_forward_fused_kernel", "channel_sums_kernel", "se_hidden_kernel", "se_logits_kernel",
-                "se_scale_kernel", "se_backward_fused_kernel", "se_excite_backward_kernel",
+                "se_scale_kernel", "se_backward_fused_kernel", "se_dz1_kernel", "se_dp_kernel",
                 "se_grad_input_kernel", "se_weight_grads_kernel", "se_sum_chunks_kernel")
 LAYOUT_SHORT = {"nchw": "NCHW", "channels_last": "channels_last"}
 

@@ -431,27 +431,74 @@ def se_backward_fused_kernel(
 
 
 @triton.jit
-def se_excite_backward_kernel(
+def se_dz1_kernel(
     partial_ptr,  # (N, SPLITS, C) pixel sums of dy' * x
-    w1_ptr, w2_ptr, hidden_ptr, logits_ptr,
-    dz1_ptr, dz2_ptr, gates_ptr, dp_ptr,  # (N, S), (N, C), (N, C), (N, C) in ACC
-    C, S, L, SPLITS,
-    ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    w2_ptr, hidden_ptr, logits_ptr,  # (C, S); saved (N, S), (N, C)
+    dz1_ptr, dz2_ptr, gates_ptr,  # (N, S), (N, C), (N, C) in ACC
+    N, C, S, SPLITS,
+    ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per sample (BLOCK_C >= C): dz2, dz1, the gates and dp = (W1^T dz1) / L."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
+    """The split plan's backward first GEMM over a block of samples: dz2 = dg * gate'(logits)
+    (and the gates; stored by the S block 0 programs), dz1 = (dz2 W2) * act'(hidden) for BLOCK_N
+    samples x BLOCK_S hidden units. W2 is read as [BLOCK_S, BLOCK_C] tiles (W2^T) so that the
+    product reduces along its last axis, like se_hidden_kernel's (reducing the middle axis
+    spilled 4 B on sm_90). 1-D grid, N blocks fastest."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_s = tl.program_id(0) // n_blocks
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    n_ok = n < N
+    s_ok = s < S
+    acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        nc_ok = n_ok[:, None] & c_ok[None, :]
+        dg = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+        for split in range(0, SPLITS):
+            dg += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0)
+        u2 = tl.load(logits_ptr + n[:, None] * C + c[None, :], mask=nc_ok, other=0.0)
+        g = _gate(u2, GATE)
+        dz2 = tl.where(nc_ok, dg * _gate_grad(u2, g, GATE), 0.0)
+        first = nc_ok & (pid_s == 0)
+        tl.store(dz2_ptr + n[:, None] * C + c[None, :], dz2, mask=first)
+        tl.store(gates_ptr + n[:, None] * C + c[None, :], g, mask=first)
+        w2t = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        acc += tl.sum(dz2[:, None, :] * w2t[None, :, :], axis=2)
+    ns_ok = n_ok[:, None] & s_ok[None, :]
+    u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=ns_ok, other=0.0)
+    tl.store(dz1_ptr + n[:, None] * S + s[None, :], tl.where(ns_ok, acc * _activation_grad(u1, ACT), 0.0),
+             mask=ns_ok)
+
+
+@triton.jit
+def se_dp_kernel(
+    dz1_ptr,  # (N, S) in ACC
+    w1_ptr,  # (S, C)
+    dp_ptr,  # (N, C) in ACC
+    N, C, S, L,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """The split plan's backward second GEMM: dp = (dz1 W1) / L, the gradient reaching each
+    pooled value, for BLOCK_N samples x BLOCK_C channels; W1 read as [BLOCK_C, BLOCK_S] tiles
+    (W1^T), the product reduced along its last axis. 1-D grid, N blocks fastest."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_c = tl.program_id(0) // n_blocks
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = n < N
     c_ok = c < C
-    dg = tl.zeros([BLOCK_C], ACC)
-    for split in range(0, SPLITS):
-        dg += tl.load(partial_ptr + (n * SPLITS + split) * C + c, mask=c_ok, other=0.0)
-    u2 = tl.load(logits_ptr + n * C + c, mask=c_ok, other=0.0)
-    g = _gate(u2, GATE)
-    dz2 = tl.where(c_ok, dg * _gate_grad(u2, g, GATE), 0.0)
-    tl.store(dz2_ptr + n * C + c, dz2, mask=c_ok)
-    tl.store(gates_ptr + n * C + c, g, mask=c_ok)
-    dp = _excite_backward(dz2, n, c, c_ok, w1_ptr, w2_ptr, hidden_ptr, dz1_ptr, C, S, ACT, ACC, BLOCK_C, BLOCK_S)
-    tl.store(dp_ptr + n * C + c, dp / L, mask=c_ok)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        dz1 = tl.load(dz1_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
+        w1t = tl.load(w1_ptr + s[None, :] * C + c[:, None], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
+        acc += tl.sum(dz1[:, None, :] * w1t[None, :, :], axis=2)
+    tl.store(dp_ptr + n[:, None] * C + c[None, :], acc / L, mask=n_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit

@@ -29,7 +29,6 @@ TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kerne
 MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the fused plans' per-sample MLP
 MLP_BLOCK_N = 8  # samples per program of the split plans' MLP GEMMs (each weight read N / 8 times)
 MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
-MLP_WARPS = 8  # 4 warps: 4-8 B spills at 40 registers in a few variants (sm_80, sm_90)
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 
@@ -107,10 +106,16 @@ class Plan:
         # (sample block, S block) then per (sample block, C block); [BLOCK_N, x, y] products of
         # MLP_PRODUCT_ELEMENTS reduced along the inner dimension
         self.mlp_block_n = min(_pow2(g.N), MLP_BLOCK_N)
-        self.mlp_block_s = min(_pow2(g.S), 16)
+        # at least 8 hidden units a block (S = 4 padded): [8, 4, 64] products spilled 4-8 B at 40
+        # registers (sm_80 with 4 warps, sm_90 with 8)
+        self.mlp_block_s = min(max(_pow2(g.S), 8), 16)
         self.mlp_chunk_c = max(1, min(_pow2(g.C), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_s)))
         self.mlp_block_c = min(_pow2(g.C), 32)
         self.mlp_chunk_s = max(1, min(_pow2(g.S), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_c)))
+        # warps of the two GEMMs: 8 for full 4096-element products, 4 for smaller ones (small C or
+        # N); either way at most 16 product elements a thread
+        self.mlp_warps = tuple(_warps(self.mlp_block_n * a * b) for a, b in
+                               ((self.mlp_block_s, self.mlp_chunk_c), (self.mlp_block_c, self.mlp_chunk_s)))
         self.wgrad_block_c = min(_pow2(g.C), 64)
         self.wgrad_block_s = min(_pow2(g.S), 64)
         # the weight gradients sum the batch in chunks of at most WGRAD_CHUNK samples, one set of
@@ -137,13 +142,12 @@ class Plan:
 
 
     def _mlp_grids(self, g: Geometry, backward: bool) -> dict:
-        """The split plan's MLP: forward, two GEMMs over sample blocks; backward, one program per
-        sample (a blocked version, se_dz1/se_dp, spilled 4 B in a few sm_90 variants: not yet)."""
-        if backward:
-            return {"se_excite_backward_kernel": (g.N,)}
+        """The split plan's MLP: two GEMMs over sample blocks, one program per (sample block, S
+        block), then per (sample block, C block)."""
         n_blocks = triton.cdiv(g.N, self.mlp_block_n)
-        return {"se_hidden_kernel": (n_blocks * triton.cdiv(g.S, self.mlp_block_s),),
-                "se_logits_kernel": (n_blocks * triton.cdiv(g.C, self.mlp_block_c),)}
+        first, second = ("se_dz1_kernel", "se_dp_kernel") if backward else ("se_hidden_kernel", "se_logits_kernel")
+        return {first: (n_blocks * triton.cdiv(g.S, self.mlp_block_s),),
+                second: (n_blocks * triton.cdiv(g.C, self.mlp_block_c),)}
 
 
 _SM_COUNT: dict = {}
@@ -239,12 +243,13 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
         _k(kernels.se_hidden_kernel)[plan.grids["se_hidden_kernel"]](
             partial, w1, b1_arg, pooled, hidden, g.N, g.C, g.S, g.L, plan.splits,
             HAS_B1=b1 is not None, ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_S=plan.mlp_block_s,
-            BLOCK_C=plan.mlp_chunk_c, num_warps=MLP_WARPS,
+            BLOCK_C=plan.mlp_chunk_c, num_warps=plan.mlp_warps[0],
         )
         _k(kernels.se_logits_kernel)[plan.grids["se_logits_kernel"]](
             hidden, w2, b2_arg, logits, gates, g.N, g.C, g.S,
             ACT=ACTIVATION_CODES[activation], GATE=GATE_CODES[gate], HAS_B2=b2 is not None, ACC=g.acc,
-            BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s, num_warps=MLP_WARPS,
+            BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s,
+            num_warps=plan.mlp_warps[1],
         )
         _k(kernels.se_scale_kernel)[plan.grids["se_scale_kernel"]](
             x, res, y, mask_arg, gates, g.C, g.L, *g.strides, g.row_bytes,
@@ -289,10 +294,15 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             partial = _channel_sums(g, plan, x, grad_y, mask_arg, dot=True, dtype=pooled.dtype)
             gates = torch.empty_like(pooled)
             dp = torch.empty_like(pooled)
-            _k(kernels.se_excite_backward_kernel)[plan.grids["se_excite_backward_kernel"]](
-                partial, w1, w2, hidden, gate_logits, dz1, dz2, gates, dp, g.C, g.S, g.L, plan.splits,
-                ACT=act, GATE=GATE_CODES[gate], ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_S=g.block_s,
-                num_warps=_warps(MLP_TILE_ELEMENTS),
+            _k(kernels.se_dz1_kernel)[plan.grids["se_dz1_kernel"]](
+                partial, w2, hidden, gate_logits, dz1, dz2, gates, g.N, g.C, g.S, plan.splits,
+                ACT=act, GATE=GATE_CODES[gate], ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_S=plan.mlp_block_s,
+                BLOCK_C=plan.mlp_chunk_c, num_warps=plan.mlp_warps[0],
+            )
+            _k(kernels.se_dp_kernel)[plan.grids["se_dp_kernel"]](
+                dz1, w1, dp, g.N, g.C, g.S, g.L,
+                ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s,
+                num_warps=plan.mlp_warps[1],
             )
             if need_grad_x or need_dres:
                 _k(kernels.se_grad_input_kernel)[plan.grids["se_grad_input_kernel"]](
