@@ -307,6 +307,29 @@ def channel_sums_kernel(
     tl.store(partial_ptr + (n * SPLITS + split) * C + c, tl.sum(acc, axis=1), mask=c_ok)
 
 
+# ---- the split plans' MLP over blocks of samples ---------------------------------------------
+
+
+@triton.jit
+def _sample_block(N, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr):
+    """(samples, indices along the other axis, its block id) of this program in a 1-D grid over
+    (blocks of the other axis, sample blocks), sample blocks fastest."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_x = tl.program_id(0) // n_blocks
+    n = ((tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    return n, pid_x * BLOCK_X + tl.arange(0, BLOCK_X), pid_x
+
+
+@triton.jit
+def _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """[BLOCK_N, BLOCK_C] sums over the pixel splits of the (N, SPLITS, C) partials, in order."""
+    total = tl.zeros([BLOCK_N, BLOCK_C], ACC)
+    for split in range(0, SPLITS):
+        total += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0)
+    return total
+
+
 @triton.jit
 def se_hidden_kernel(
     partial_ptr,  # (N, SPLITS, C) pixel sums of x
@@ -320,11 +343,7 @@ def se_hidden_kernel(
     hidden = pooled W1^T + b1 for BLOCK_N samples x BLOCK_S hidden units, so each W1 row is read
     once per BLOCK_N samples, and the programs (N blocks x S blocks) share the work. 1-D grid, N
     blocks fastest; the S block 0 programs store pooled."""
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_n = tl.program_id(0) % n_blocks
-    pid_s = tl.program_id(0) // n_blocks
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    n, s, pid_s = _sample_block(N, BLOCK_N, BLOCK_S)
     n_ok = n < N
     s_ok = s < S
     acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
@@ -332,9 +351,7 @@ def se_hidden_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         nc_ok = n_ok[:, None] & c_ok[None, :]
-        p = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        for split in range(0, SPLITS):
-            p += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0)
+        p = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C)
         p = p / L
         tl.store(pooled_ptr + n[:, None] * C + c[None, :], p, mask=nc_ok & (pid_s == 0))
         w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
@@ -356,11 +373,7 @@ def se_logits_kernel(
     """The split plan's second GEMM: logits = act(hidden) W2^T + b2 and the gates for BLOCK_N
     samples x BLOCK_C channels (each W2 row read once per BLOCK_N samples). 1-D grid over (C
     blocks, N blocks), N blocks fastest."""
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_n = tl.program_id(0) % n_blocks
-    pid_c = tl.program_id(0) // n_blocks
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, c, _ = _sample_block(N, BLOCK_N, BLOCK_C)
     n_ok = n < N
     c_ok = c < C
     acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
@@ -444,11 +457,7 @@ def se_dz1_kernel(
     samples x BLOCK_S hidden units. W2 is read as [BLOCK_S, BLOCK_C] tiles (W2^T) so that the
     product reduces along its last axis, like se_hidden_kernel's (reducing the middle axis
     spilled 4 B on sm_90). 1-D grid, N blocks fastest."""
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_n = tl.program_id(0) % n_blocks
-    pid_s = tl.program_id(0) // n_blocks
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    n, s, pid_s = _sample_block(N, BLOCK_N, BLOCK_S)
     n_ok = n < N
     s_ok = s < S
     acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
@@ -456,9 +465,7 @@ def se_dz1_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         nc_ok = n_ok[:, None] & c_ok[None, :]
-        dg = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-        for split in range(0, SPLITS):
-            dg += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0)
+        dg = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C)
         u2 = tl.load(logits_ptr + n[:, None] * C + c[None, :], mask=nc_ok, other=0.0)
         g = _gate(u2, GATE)
         dz2 = tl.where(nc_ok, dg * _gate_grad(u2, g, GATE), 0.0)
@@ -484,11 +491,7 @@ def se_dp_kernel(
     """The split plan's backward second GEMM: dp = (dz1 W1) / L, the gradient reaching each
     pooled value, for BLOCK_N samples x BLOCK_C channels; W1 read as [BLOCK_C, BLOCK_S] tiles
     (W1^T), the product reduced along its last axis. 1-D grid, N blocks fastest."""
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pid_n = tl.program_id(0) % n_blocks
-    pid_c = tl.program_id(0) // n_blocks
-    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, c, _ = _sample_block(N, BLOCK_N, BLOCK_C)
     n_ok = n < N
     c_ok = c < C
     acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
