@@ -98,7 +98,6 @@ import csv
 import datetime
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -122,6 +121,7 @@ from bench_se import (  # noqa: E402
     choose_malloc,
     cpu_model,
     device_name,
+    repo_command,
     source_version,
     measure,
     summarize,
@@ -777,12 +777,9 @@ def machine_header(device: torch.device, malloc: str) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     start = time.perf_counter()
     args = parse_args(argv)
-    env = [f"{k}={shlex.quote(ENVIRONMENT[k])}" for k in (
-        "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "LD_PRELOAD", "GLIBC_TUNABLES", "SE_KERNELS_BACKEND",
-        "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in ENVIRONMENT]
     script_args = list(sys.argv[1:] if argv is None else argv)
-    command = f"cd {shlex.quote(os.getcwd())} && " + " ".join(
-        env + [shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *script_args])])
+    command = repo_command(ENVIRONMENT, ("LD_PRELOAD", "GLIBC_TUNABLES", "SE_KERNELS_BACKEND", "OMP_NUM_THREADS",
+                                         "CUDA_VISIBLE_DEVICES"), script_args, script=__file__)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg, notes = config_from_args(args)

@@ -145,7 +145,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RTOL, ATOL = 1e-4, 1e-5
 TENSORWISE = ("d_fc1.bias", "d_fc2.bias")
 # bfloat16/float16: error against float64 at most 2x eager's own plus this atol, both relative
-# to max |reference| (DESIGN.md, "How correctness is judged"; the values of tests/test_kernels.py).
+# to max |reference| (the tolerance rules of tests/conftest.py and tests/test_kernels.py).
 LOW_PRECISION_ATOL = {"bfloat16": 8e-3, "float16": 1e-3}
 
 TARGET_S = 0.5  # measured time per provider per (case, mode)
@@ -829,15 +829,31 @@ class RunInfo:
         return items
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_command(environ, keys: Sequence[str], argv: Sequence[str], script: str = __file__) -> str:
+    """The command that reproduces this run, from the repository root: the settings among `keys`
+    (a preloaded library by its name, found on the loader's path), the interpreter (relative
+    when it is the repository's .venv, else `python`) and the script relative to the root. No
+    machine paths and no caches: results record only what changes the numbers."""
+    env = []
+    for k in keys:
+        if k in environ:
+            v = environ[k]
+            if k == "LD_PRELOAD":
+                v = " ".join(os.path.basename(part) for part in v.split())
+            env.append(f"{k}={shlex.quote(v)}")
+    exe = Path(sys.executable)
+    python = os.path.relpath(exe, ROOT) if ROOT in exe.absolute().parents else "python"
+    return " ".join(env + [shlex.join([python, os.path.relpath(Path(script).resolve(), ROOT), *argv])])
+
+
 def run_info(argv: Sequence[str], device: torch.device, malloc: str, shapes: ShapeSet,
              compile_mode: str, providers: List[str]) -> RunInfo:
-    env = [f"{k}={shlex.quote(os.environ[k])}" for k in (
-        "PYTHONPATH", "TORCHINDUCTOR_CACHE_DIR", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF",
-        "SE_KERNELS_BACKEND", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ]
-    script = os.path.relpath(__file__)
-    command = " ".join(env + [shlex.join([os.path.relpath(sys.executable), script, *argv])])
     return RunInfo(
-        command=f"cd {shlex.quote(os.getcwd())} && {command}",
+        command=repo_command(os.environ, ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF", "SE_KERNELS_BACKEND",
+                                          "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES"), argv),
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=f"{platform.node()}, {cpu_model()}, {os.cpu_count()} logical CPUs",
         device=f"{device} ({device_name(device)})", torch=torch.__version__, source=source_version(),

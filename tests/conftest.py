@@ -193,7 +193,7 @@ def magnitudes64(inputs, dy, case: "Case") -> Dict[str, torch.Tensor]:
 
 
 def float32_close(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> Tuple[bool, str]:
-    """DESIGN.md's float32 rule, ||out - ref|| < 1e-5 ||ref||, plus a condition-aware floor:
+    """The float32 rule, ||out - ref|| < 1e-5 ||ref||, plus a condition-aware floor:
     what float32 rounding can produce at the magnitudes the sums run through
     (ROUNDING_STEPS * u * ||magnitude||). Returns (ok, description)."""
     diff = (out.double() - ref.double()).norm().item()
@@ -222,7 +222,7 @@ LOW_PRECISION_ATOL = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 def assert_low_precision_matches(outputs: Dict[str, torch.Tensor], eager: Dict[str, torch.Tensor],
                                  refs: Dict[str, torch.Tensor], dtype: torch.dtype, where: str = "") -> None:
-    """DESIGN.md's float16/bfloat16 rule (flash-attention's): max |out - ref| at most twice eager
+    """The float16/bfloat16 rule (flash-attention's): max |out - ref| at most twice eager
     PyTorch's max |eager - ref| in the same dtype, plus LOW_PRECISION_ATOL, both relative to
     max |ref|, for every output named in `outputs`."""
     for name, out in outputs.items():
