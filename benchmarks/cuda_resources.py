@@ -245,8 +245,7 @@ def render(rows: List[dict], nvcc_version: str, torch_version: str, threads: Opt
         f"torch.utils.cpp_extension uses (nvcc {nvcc_version}, torch {torch_version} headers), "
         f"{datetime.date.today().isoformat()}. "
         + (f"Block size {threads} for every kernel; " if threads else "")
-        + "the excite kernels also take (C + S) x sizeof(acc) bytes of dynamic shared memory "
-        "(checked <= 48 KiB at launch).",
+        + "no dynamic shared memory.",
         "",
         "| sm | kernel<scalar, acc> | registers | static smem (B) | stack (B) | spill st/ld (B) |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -400,8 +400,8 @@ def cuda_tiles(p: Problem) -> Tuple[int, int]:
 
 
 def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
-    """se_forward_cuda / se_backward_cuda's launches (always split): channel_sums -> excite ->
-    scale, or channel_sums (dot) -> excite_backward -> grad_input -> weight_grads [-> _sum]."""
+    """se_forward_cuda / se_backward_cuda's launches (always split): channel_sums -> hidden ->
+    logits -> scale, or channel_sums (dot) -> dz1 -> dp -> grad_input -> weight_grads [-> _sum]."""
     s, e, acc = p.site, p.elem, 4
     n, c, l, sq = s.n, s.c, s.h * s.w, s.s
     args = ("float",) if p.dtype == "float32" else (DTYPES[p.dtype][2], "float")
@@ -416,16 +416,16 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     ks.append(Kernel("channel_sums", cblocks * splits * n, warps, res.cuda_resident("channel_sums_kernel", args),
                      min(CUDA_UNROLL * 32, per_split) * per_elem, 2 * xb + mask if back else xb,
                      n * splits * c * acc))
-    # excite(_backward): one block per sample, both weight matrices per sample from L2.
-    # Round trips: partials (a thread per channel); the warp-per-s loop over C (lanes along c,
-    # CUDA_UNROLL in flight); the thread-per-c loop over S (forward: W2 rows along S, a new
-    # sector each 32 bytes, L1 hits between; backward: W1 coalesced, CUDA_UNROLL in flight).
-    per_thread_c = cdiv(c, CUDA_THREADS)
-    chain = (per_thread_c * cdiv(splits, CUDA_UNROLL) + cdiv(sq, warps) * cdiv(c, 32 * CUDA_UNROLL)
-             + per_thread_c * (cdiv(sq, CUDA_UNROLL) if back else cdiv(sq * e, SECTOR)))
-    name = "excite_backward_kernel" if back else "excite_kernel"
-    ks.append(Kernel(name[:-7], n, warps, res.cuda_resident(name, args, (c + sq) * acc), 0.0, 0.0,
-                     n * (2 * sq * c * e + splits * c * acc) + vectors, chain))
+    # the MLP: two GEMMs over blocks of 8 samples x 32 outputs, the inner dimension 32 at a time
+    # through shared memory: each weight read once per sample block; round trips: one per inner
+    # tile (its loads in flight together), the first GEMM's also summing the pixel splits
+    n_blocks = cdiv(n, 8)
+    first, second = ("dz1_kernel", "dp_kernel") if back else ("hidden_kernel", "logits_kernel")
+    ks.append(Kernel(first[:-7], n_blocks * cdiv(sq, 32), warps, res.cuda_resident(first, args), 0.0, 0.0,
+                     n_blocks * sq * c * e + cdiv(sq, 32) * n * splits * c * acc + n * c * acc * (3 if back else 1),
+                     cdiv(c, 32) * (1 + cdiv(splits, CUDA_UNROLL))))
+    ks.append(Kernel(second[:-7], n_blocks * cdiv(c, 32), warps, res.cuda_resident(second, args), 0.0, 0.0,
+                     n_blocks * sq * c * e + cdiv(c, 32) * n * sq * acc + 2 * n * c * acc, cdiv(sq, 32)))
     # scale / grad_input: a warp per tile, last tile first, CUDA_STEPS_IN_FLIGHT steps' loads out
     blocks, tile = cuda_tiles(p)
     width = 16 // e if l % (16 // e) == 0 else 1  # vector path: H*W a multiple of it (pointers assumed aligned)
@@ -570,10 +570,8 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "
     "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; on the "
     "16-byte path a tile's loads are issued before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",
-    "CUDA excite(_backward): per sample, both matrices from L2; W2 is read along rows by one thread (forward) or "
-    "down columns by the lanes of a warp (backward): L1 reuse of those sectors assumed (L2 bytes = the matrix); "
-    "round trips: the partial sums, ceil(S/8) x ceil(C/128) for the warp-per-s loop, then the thread-per-c "
-    "loop (forward: a new W2 sector every 32 bytes; backward: ceil(S/4)).",
+    "CUDA MLP: hidden/logits (backward dz1/dp) over blocks of 8 samples x 32 outputs, the inner dimension 32 "
+    "at a time through shared memory; each weight read once per sample block; one L2 round trip per inner tile.",
     "CUDA weight_grads: dz2 and pooled are read once per s (S times over), counted as L2 bytes; "
     "`#pragma unroll 8`: 8 samples per round trip; a second kernel adds the chunks when N > 32.",
     "The (N, C)/(N, S) vectors, partial sums and weight gradients count as L2 traffic (small next to x).",

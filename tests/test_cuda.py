@@ -132,3 +132,13 @@ def test_unaligned_tensors_give_the_same_bits(dtype, channels_last):
     y2.backward(_shifted(dy, channels_last))
     assert torch.equal(y2, y)
     assert torch.equal(x.grad, grads["x"]) and torch.equal(res.grad, grads["residual"])
+
+
+@pytest.mark.parametrize("shape,squeeze", [((3, 13000, 1, 1), 40), ((17, 72, 2, 3), 37), ((9, 33, 4, 4), 70)])
+def test_mlp_gemm_tiles(shape, squeeze):
+    """The MLP runs as GEMMs over blocks of 8 samples x 32 outputs with 32-wide inner tiles: sample
+    counts, C and S that are not multiples of 8 or 32, S > C, and C + S beyond what the former
+    per-sample kernels could keep in 48 KiB of shared memory."""
+    case = Case(shape, squeeze, "gelu", "hardsigmoid", True, False, None)
+    check(case, torch.float32, fresh_seed(), backend="cuda")
+    check(case, torch.float64, fresh_seed(), backend="cuda")

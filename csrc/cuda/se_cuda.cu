@@ -3,10 +3,10 @@
 // Plan (the same for every shape; it fills the GPU for few large samples and for many small
 // ones, because the pixel reduction is split over blocks):
 //   forward:  channel_sums (per (sample, channel block, pixel split) partial sums of x)
-//             -> excite (one block per sample: pool, both GEMVs, gate)
+//             -> hidden, logits (the MLP as GEMMs over blocks of 8 samples; gates)
 //             -> scale (y = out_act(x * g + residual) and the relu mask, one warp per tile of a
 //                row, 16-byte accesses, the tiles walked backwards: csrc/cuda/se_tiles.h)
-//   backward: channel_sums of dy' * x -> excite_backward (dz2, dz1, dp, act(hidden)) ->
+//   backward: channel_sums of dy' * x -> dz1 (dz2, gates, dz1, act(hidden)) -> dp ->
 //             grad_input (dx, d_residual; tiles as scale's) -> weight_grads (one thread per
 //             weight over a chunk of the batch, the chunks then added in order)
 // Every reduction has a fixed order: results are deterministic (no atomics). Accumulation in
@@ -116,41 +116,88 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
   }
 }
 
-// One block per sample: pooled = sum(partials) / L, hidden = W1 pooled + b1, logits = W2
-// act(hidden) + b2, gates = gate(logits). Shared memory: C + S values.
-template <typename T, typename A>
-__global__ void excite_kernel(const A* __restrict__ partial, const T* __restrict__ w1, const T* __restrict__ b1,
-                              const T* __restrict__ w2, const T* __restrict__ b2, A* __restrict__ pooled,
-                              A* __restrict__ hidden, A* __restrict__ logits, A* __restrict__ gates, int64_t C,
-                              int64_t S, int64_t L, int splits, int act, int gate) {
-  extern __shared__ unsigned char smem_raw[];
-  A* p = reinterpret_cast<A*>(smem_raw);
-  A* z = p + C;
-  const int64_t n = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    A acc = 0;
-    for (int k = 0; k < splits; ++k) acc += partial[(n * splits + k) * C + c];
-    p[c] = acc / A(L);
-    pooled[n * C + c] = p[c];
-  }
-  __syncthreads();
+// ---- the excitation MLP: small GEMMs over blocks of samples -------------------------------------
+//
+// Each block computes a [kMlpN samples] x [32 outputs] tile, one warp per sample and one lane per
+// output, walking the inner dimension 32 at a time through shared memory: the block loads a
+// [kMlpN, 32] tile of its samples' vectors and a [32, 32] tile of the weights (coalesced along
+// the weights' contiguous axis), then each thread adds 32 products. Each weight is read once per
+// kMlpN samples, and the work spreads over ceil(N / kMlpN) x ceil(outputs / 32) blocks. 1-D grids,
+// sample blocks fastest (tile_gemm). The tiles' strides are padded to 33 so that a lane reading a
+// column hits a different bank than its neighbours.
+constexpr int kMlpN = kWarps;  // samples per block: one per warp
+constexpr int kMlpT = 32;      // outputs per block (lanes) and inner tile
+
+struct MlpBlock {
+  int64_t n, x;  // this thread's sample and output (may be past N / the outputs)
+  bool first;    // the block of outputs 0..31: stores the per-sample vectors it computes
+};
+
+__device__ __forceinline__ MlpBlock mlp_block(int64_t N) {
+  const int64_t n_blocks = (N + kMlpN - 1) / kMlpN;
+  const int64_t xb = blockIdx.x / n_blocks;
+  return {int64_t(blockIdx.x % n_blocks) * kMlpN + threadIdx.x / 32, xb * kMlpT + threadIdx.x % 32, xb == 0};
+}
+
+// acc = sum over k < K of vec(k) * W(output, k) for this thread's (sample, output), 32 values of k
+// at a time through shared memory. vec(k): this thread's sample's value at k (called with
+// k = k0 + lane; 0 past the end). weight(i, j): the weight matrix at row i, column j (0 outside);
+// kOutputRows: the outputs are W's rows (tile loaded along k, W's contiguous axis), else its
+// columns (tile loaded along the outputs, then W's contiguous axis).
+template <bool kOutputRows, typename A, typename Vec, typename Weight>
+__device__ __forceinline__ A tile_gemm(int64_t K, const MlpBlock& b, Vec vec, Weight weight) {
+  __shared__ A vs[kMlpN][kMlpT + 1];
+  __shared__ A ws[kMlpT][kMlpT + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t s = warp; s < S; s += kWarps) {
-    A acc = 0;
-    for (int64_t c = lane; c < C; c += 32) acc += static_cast<A>(w1[s * C + c]) * p[c];
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      const A u1 = acc + (b1 ? static_cast<A>(b1[s]) : A(0));
-      hidden[n * S + s] = u1;
-      z[s] = activation(u1, act);
-    }
+  const int64_t x0 = b.x - lane;
+  A acc = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += kMlpT) {
+    vs[warp][lane] = vec(k0 + lane);
+    for (int row = warp; row < kMlpT; row += kWarps)
+      ws[row][lane] = kOutputRows ? weight(x0 + row, k0 + lane) : weight(k0 + row, x0 + lane);
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kMlpT; ++k) acc += vs[warp][k] * (kOutputRows ? ws[lane][k] : ws[k][lane]);
+    __syncthreads();
   }
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    A acc = b2 ? static_cast<A>(b2[c]) : A(0);
-    for (int64_t s = 0; s < S; ++s) acc += static_cast<A>(w2[c * S + s]) * z[s];
-    logits[n * C + c] = acc;
-    gates[n * C + c] = gate_fn(acc, gate);
+  return acc;
+}
+
+// hidden[n, s] = sum_c pooled[n, c] W1[s, c] + b1[s], with pooled = sum(partials) / L (stored by
+// the first block of outputs).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) hidden_kernel(const A* __restrict__ partial, const T* __restrict__ w1,
+                                                          const T* __restrict__ b1, A* __restrict__ pooled,
+                                                          A* __restrict__ hidden, int64_t N, int64_t C, int64_t S,
+                                                          int64_t L, int splits) {
+  const MlpBlock b = mlp_block(N);
+  auto pool = [&](int64_t c) {
+    if (b.n >= N || c >= C) return A(0);
+    A p = 0;
+    for (int k = 0; k < splits; ++k) p += partial[(b.n * splits + k) * C + c];
+    p /= A(L);
+    if (b.first) pooled[b.n * C + c] = p;
+    return p;
+  };
+  auto w = [&](int64_t s, int64_t c) { return s < S && c < C ? static_cast<A>(w1[s * C + c]) : A(0); };
+  const A acc = tile_gemm<true, A>(C, b, pool, w);
+  if (b.n < N && b.x < S) hidden[b.n * S + b.x] = acc + (b1 ? static_cast<A>(b1[b.x]) : A(0));
+}
+
+// logits[n, c] = sum_s act(hidden[n, s]) W2[c, s] + b2[c], gates = gate(logits).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) logits_kernel(const A* __restrict__ hidden, const T* __restrict__ w2,
+                                                          const T* __restrict__ b2, A* __restrict__ logits,
+                                                          A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
+                                                          int act, int gate) {
+  const MlpBlock b = mlp_block(N);
+  auto z = [&](int64_t s) { return b.n < N && s < S ? activation(hidden[b.n * S + s], act) : A(0); };
+  auto w = [&](int64_t c, int64_t s) { return c < C && s < S ? static_cast<A>(w2[c * S + s]) : A(0); };
+  const A acc = tile_gemm<true, A>(S, b, z, w);
+  if (b.n < N && b.x < C) {
+    const A u2 = acc + (b2 ? static_cast<A>(b2[b.x]) : A(0));
+    logits[b.n * C + b.x] = u2;
+    gates[b.n * C + b.x] = gate_fn(u2, gate);
   }
 }
 
@@ -275,45 +322,45 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x
   }
 }
 
-// One block per sample: dz2 = dg * gate'(logits), gates, dz1 = (W2^T dz2) * act'(hidden),
-// z = act(hidden), dp = (W1^T dz1) / L. Shared memory: C + S values.
+// dz2[n, c] = dg * gate'(logits) (dg: the partials' sum) and the gates (stored by the first block
+// of outputs), dz1[n, s] = (sum_c dz2[n, c] W2[c, s]) * act'(hidden[n, s]), z = act(hidden) for
+// the weight gradients. The outputs (s) are W2's columns.
 template <typename T, typename A>
-__global__ void excite_backward_kernel(const A* __restrict__ partial, const T* __restrict__ w1,
-                                       const T* __restrict__ w2, const A* __restrict__ hidden,
-                                       const A* __restrict__ logits, A* __restrict__ dz1_out, A* __restrict__ dz2_out,
-                                       A* __restrict__ z_out, A* __restrict__ gates, A* __restrict__ dp, int64_t C,
-                                       int64_t S, int64_t L, int splits, int act, int gate) {
-  extern __shared__ unsigned char smem_raw[];
-  A* dz2 = reinterpret_cast<A*>(smem_raw);
-  A* dz1 = dz2 + C;
-  const int64_t n = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+__global__ void __launch_bounds__(kThreads) dz1_kernel(const A* __restrict__ partial, const T* __restrict__ w2,
+                                                       const A* __restrict__ hidden, const A* __restrict__ logits,
+                                                       A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
+                                                       A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
+                                                       int splits, int act, int gate) {
+  const MlpBlock b = mlp_block(N);
+  auto grad_logit = [&](int64_t c) {
+    if (b.n >= N || c >= C) return A(0);
     A dg = 0;
-    for (int k = 0; k < splits; ++k) dg += partial[(n * splits + k) * C + c];
-    const A u2 = logits[n * C + c], g = gate_fn(u2, gate);
-    dz2[c] = dg * gate_grad(u2, g, gate);
-    dz2_out[n * C + c] = dz2[c];
-    gates[n * C + c] = g;
+    for (int k = 0; k < splits; ++k) dg += partial[(b.n * splits + k) * C + c];
+    const A u2 = logits[b.n * C + c], g = gate_fn(u2, gate);
+    const A d = dg * gate_grad(u2, g, gate);
+    if (b.first) dz2[b.n * C + c] = d, gates[b.n * C + c] = g;
+    return d;
+  };
+  auto w = [&](int64_t c, int64_t s) { return c < C && s < S ? static_cast<A>(w2[c * S + s]) : A(0); };
+  const A acc = tile_gemm<false, A>(C, b, grad_logit, w);
+  if (b.n < N && b.x < S) {
+    const A u1 = hidden[b.n * S + b.x];
+    dz1[b.n * S + b.x] = acc * activation_grad(u1, act);
+    z[b.n * S + b.x] = activation(u1, act);
   }
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t s = warp; s < S; s += kWarps) {
-    A acc = 0;
-    for (int64_t c = lane; c < C; c += 32) acc += static_cast<A>(w2[c * S + s]) * dz2[c];
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      const A u1 = hidden[n * S + s];
-      dz1[s] = acc * activation_grad(u1, act);
-      dz1_out[n * S + s] = dz1[s];
-      z_out[n * S + s] = activation(u1, act);  // for the weight gradients: computed once
-    }
-  }
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    A acc = 0;
-    for (int64_t s = 0; s < S; ++s) acc += static_cast<A>(w1[s * C + c]) * dz1[s];
-    dp[n * C + c] = acc / A(L);
-  }
+}
+
+// dp[n, c] = (sum_s dz1[n, s] W1[s, c]) / L, the gradient reaching each pooled value. The outputs
+// (c) are W1's columns.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) dp_kernel(const A* __restrict__ dz1, const T* __restrict__ w1,
+                                                      A* __restrict__ dp, int64_t N, int64_t C, int64_t S,
+                                                      int64_t L) {
+  const MlpBlock b = mlp_block(N);
+  auto d = [&](int64_t s) { return b.n < N && s < S ? dz1[b.n * S + s] : A(0); };
+  auto w = [&](int64_t s, int64_t c) { return s < S && c < C ? static_cast<A>(w1[s * C + c]) : A(0); };
+  const A acc = tile_gemm<false, A>(S, b, d, w);
+  if (b.n < N && b.x < C) dp[b.n * C + b.x] = acc / A(L);
 }
 
 // grad_x = dy' * g + dp, grad_residual = dy' over one tile per warp, last tile first (tiles,
@@ -538,12 +585,9 @@ void check_cuda_inputs(std::initializer_list<at::Tensor> tensors) {
     TORCH_CHECK(t.is_cuda(), "se_kernels: the cuda kernels take CUDA tensors; got one on ", t.device());
 }
 
-// The per-sample kernels keep C + S values in shared memory (48 KiB without opting in).
-size_t excite_shared_bytes(const Geometry& g, size_t value_bytes) {
-  const size_t bytes = (g.C + g.S) * value_bytes;
-  TORCH_CHECK(bytes <= 48 * 1024, "se_kernels: the cuda backend supports C + S up to ", 48 * 1024 / value_bytes,
-              " (C = ", g.C, ", S = ", g.S, "); use the triton or torch backend");
-  return bytes;
+// Blocks of the MLP kernels: sample blocks x blocks of 32 outputs.
+int64_t mlp_blocks(const Geometry& g, int64_t outputs) {
+  return (g.N + kMlpN - 1) / kMlpN * ((outputs + kMlpT - 1) / kMlpT);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forward_cuda(
@@ -578,12 +622,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
         x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), lay, sp.per_split,
         sp.splits, cblocks, false, false);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    excite_kernel<scalar_t, A><<<grid_1d(g.N), kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
+    hidden_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
         partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(),
-        b1c.defined() ? b1c.const_data_ptr<scalar_t>() : nullptr, w2.const_data_ptr<scalar_t>(),
-        b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr, pooled.mutable_data_ptr<A>(),
-        hidden.mutable_data_ptr<A>(), logits.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(), g.C, g.S, g.L,
-        sp.splits, activation_code(act), gate_code(gt));
+        b1c.defined() ? b1c.const_data_ptr<scalar_t>() : nullptr, pooled.mutable_data_ptr<A>(),
+        hidden.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L, sp.splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    logits_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
+        hidden.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(),
+        b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr, logits.mutable_data_ptr<A>(),
+        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, activation_code(act), gate_code(gt));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
@@ -639,12 +686,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(), lay,
         sp.per_split, sp.splits, cblocks, true, out_relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    excite_backward_kernel<scalar_t, A><<<grid_1d(g.N), kThreads, excite_shared_bytes(g, sizeof(A)), stream>>>(
-        partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), w2.const_data_ptr<scalar_t>(),
-        hidden.const_data_ptr<A>(), logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(),
-        dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(), dp.mutable_data_ptr<A>(),
-        g.C, g.S, g.L, sp.splits,
-        activation_code(act), gate_code(gt));
+    dz1_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
+        partial.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), hidden.const_data_ptr<A>(),
+        logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(),
+        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, sp.splits, activation_code(act), gate_code(gt));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dp_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
+        dz1.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_grad_x || need_grad_residual) {
       scalar_t* dx = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
