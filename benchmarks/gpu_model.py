@@ -212,7 +212,7 @@ class Resources:
     def cuda_resident(self, kernel: str, args: Sequence[str], smem: int = 0) -> int:
         """Resident warps/SM of a 256-thread CUDA kernel from its registers (allocated per warp
         in units of 256, 16384 per sub-partition) and shared memory (+1 KiB per block)."""
-        key = tuple(args) if kernel in ("scale_kernel", "grad_input_kernel") else frozenset(args)
+        key = tuple(args) if kernel in ("scale_kernel", "grad_input_kernel", "channel_sums_kernel") else frozenset(args)
         regs, static = self.cuda.get((kernel, key), (None, 0))
         if regs is None:
             regs = CUDA_DEFAULT_REGS
@@ -411,10 +411,13 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     cblocks, splits, per_split = cuda_splits(n, c, l)
     vectors = n * (3 * c + sq) * acc
     ks: List[Kernel] = []
-    # channel_sums: one warp per channel, lanes along the pixels, scalar loads, CUDA_UNROLL in flight
+    # channel_sums: one warp per channel, lanes along the pixels, 16-byte loads when H*W is a multiple
+    # of the vector width (pointers assumed aligned), else one element a lane; CUDA_UNROLL in flight
     per_elem = 2 * e + (1 / 8 if p.residual else 0) if back else e
-    ks.append(Kernel("channel_sums", cblocks * splits * n, warps, res.cuda_resident("channel_sums_kernel", args),
-                     min(CUDA_UNROLL * 32, per_split) * per_elem, 2 * xb + mask if back else xb,
+    sums_width = 16 // e if l % (16 // e) == 0 else 1
+    sums_variant = (args[0], "float" if len(args) == 1 else args[1], "true" if sums_width > 1 else "false")
+    ks.append(Kernel("channel_sums", cblocks * splits * n, warps, res.cuda_resident("channel_sums_kernel", sums_variant),
+                     min(CUDA_UNROLL * 32 * sums_width, per_split) * per_elem, 2 * xb + mask if back else xb,
                      n * splits * c * acc))
     # the MLP: two GEMMs over blocks of 8 samples x 32 outputs, the inner dimension 32 at a time
     # through shared memory: each weight read once per sample block; round trips: one per inner
@@ -566,7 +569,8 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",
     "Triton weight_grads: each program walks its chunk of at most 32 samples in order, one L2 round trip a "
     "sample; with several chunks, se_sum_chunks_kernel adds them (one round trip a chunk).",
-    "CUDA channel_sums: one element per lane and iteration, CUDA_UNROLL iterations in flight (ASSUMPTION).",
+    "CUDA channel_sums: 16 bytes per lane and iteration when H*W is a multiple of the vector width (else one "
+    "element), CUDA_UNROLL iterations in flight (`#pragma unroll 4`; ASSUMPTION: the loads are issued together).",
     "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "
     "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; on the "
     "16-byte path a tile's loads are issued before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",

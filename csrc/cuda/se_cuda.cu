@@ -69,11 +69,49 @@ Layout make_layout(const Geometry& g) {
 
 // ---- kernels -----------------------------------------------------------------------------------
 
+// W elements of E, loaded and stored as one 16-byte access where W * sizeof(E) == 16 (two for
+// float gates of 8 half/bfloat16 elements).
+template <typename E, int W>
+struct alignas(16) Pack {
+  E v[W];
+};
+
+// 16-byte multiples go through uint4, which nvcc always moves with one LDG/STG.128 each (a
+// struct copy was split into four 4-byte stores).
+template <typename E, int W>
+__device__ __forceinline__ Pack<E, W> load_pack(const E* p) {
+  Pack<E, W> out;
+  if constexpr (W * sizeof(E) % 16 == 0) {
+    constexpr int kWords = W * sizeof(E) / 16;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k)
+      reinterpret_cast<uint4*>(&out)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) out.v[k] = p[k];
+  }
+  return out;
+}
+
+template <typename E, int W>
+__device__ __forceinline__ void store_pack(E* p, const Pack<E, W>& v) {
+  if constexpr (W * sizeof(E) % 16 == 0) {
+    constexpr int kWords = W * sizeof(E) / 16;
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; ++k) p[k] = v.v[k];
+  }
+}
+
 // partial[n, split, c] = sum over the split's pixels of x (dot: of dy' * x). 1-D grid over
-// (N, splits, channel blocks), channel blocks fastest: only grid.x may exceed 65535 blocks. NCHW: one warp per channel, lanes along the (contiguous) pixels.
+// (N, splits, channel blocks), channel blocks fastest: only grid.x may exceed 65535 blocks. NCHW:
+// one warp per channel, lanes along the (contiguous) pixels, 16 bytes a lane and step when
+// kVector (H*W a multiple of the vector width, x and dy aligned), else one element.
 // channels_last: 32 channels per block along x (contiguous), 8 pixel lanes along y, reduced
 // through shared memory in a fixed order.
-template <typename T, typename A>
+template <typename T, typename A, bool kVector>
 __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                     const uint8_t* __restrict__ mask, A* __restrict__ partial, Layout lay,
                                     int64_t per_split, int splits, int64_t cblocks, bool dot, bool masked) {
@@ -96,7 +134,29 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
     const int64_t c = block * kWarps + warp;
     if (c >= lay.C) return;
     A acc = 0;
-    for (int64_t l = l_begin + lane; l < l_end; l += 32) acc += term(c, l);
+    if constexpr (kVector) {  // 16-byte loads: L a multiple of W, splits start on multiples of 32
+      constexpr int W = tiles::vec_width<T>();
+      const int64_t row = n * lay.C + c;
+      const T* __restrict__ xr = x + row * lay.L;
+      const T* __restrict__ dr = dot ? dy + row * lay.L : nullptr;
+      const uint8_t* __restrict__ mr = masked ? mask + row * lay.row_bytes : nullptr;
+#pragma unroll 4
+      for (int64_t l = l_begin + lane * W; l < l_end; l += 32 * W) {
+        const Pack<T, W> xv = load_pack<T, W>(xr + l);
+        if (dot) {
+          const Pack<T, W> dv = load_pack<T, W>(dr + l);
+          const unsigned bits = masked ? unsigned(mr[l >> 3]) >> (l & 7) : 0xffu;  // W <= 8 bits, one byte
+#pragma unroll
+          for (int k = 0; k < W; ++k)
+            acc += static_cast<A>(xv.v[k]) * (((bits >> k) & 1u) ? static_cast<A>(dv.v[k]) : A(0));
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) acc += static_cast<A>(xv.v[k]);
+        }
+      }
+    } else {
+      for (int64_t l = l_begin + lane; l < l_end; l += 32) acc += term(c, l);
+    }
     acc = warp_sum(acc);
     if (lane == 0) partial[(n * splits + split) * lay.C + c] = acc;
   } else {
@@ -198,42 +258,6 @@ __global__ void __launch_bounds__(kThreads) logits_kernel(const A* __restrict__ 
     const A u2 = acc + (b2 ? static_cast<A>(b2[b.x]) : A(0));
     logits[b.n * C + b.x] = u2;
     gates[b.n * C + b.x] = gate_fn(u2, gate);
-  }
-}
-
-// W elements of E, loaded and stored as one 16-byte access where W * sizeof(E) == 16 (two for
-// float gates of 8 half/bfloat16 elements).
-template <typename E, int W>
-struct alignas(16) Pack {
-  E v[W];
-};
-
-// 16-byte multiples go through uint4, which nvcc always moves with one LDG/STG.128 each (a
-// struct copy was split into four 4-byte stores).
-template <typename E, int W>
-__device__ __forceinline__ Pack<E, W> load_pack(const E* p) {
-  Pack<E, W> out;
-  if constexpr (W * sizeof(E) % 16 == 0) {
-    constexpr int kWords = W * sizeof(E) / 16;
-#pragma unroll
-    for (int k = 0; k < kWords; ++k)
-      reinterpret_cast<uint4*>(&out)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
-  } else {
-#pragma unroll
-    for (int k = 0; k < W; ++k) out.v[k] = p[k];
-  }
-  return out;
-}
-
-template <typename E, int W>
-__device__ __forceinline__ void store_pack(E* p, const Pack<E, W>& v) {
-  if constexpr (W * sizeof(E) % 16 == 0) {
-    constexpr int kWords = W * sizeof(E) / 16;
-#pragma unroll
-    for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
-  } else {
-#pragma unroll
-    for (int k = 0; k < W; ++k) p[k] = v.v[k];
   }
 }
 
@@ -571,6 +595,15 @@ auto grad_input_variant(bool vector, bool pixel_rows, bool masked) {
   return table[4 * vector + 2 * pixel_rows + masked];
 }
 
+// Whether the NCHW channel sums can load 16 bytes a lane (per_split is a multiple of 32, so each
+// split starts on a vector).
+template <typename T>
+bool sums_vector(const Geometry& g, const void* x, const void* dy) {
+  constexpr int W = tiles::vec_width<T>();
+  const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return !g.pixel_rows && g.L % W == 0 && aligned(x) && aligned(dy);
+}
+
 // Weight gradients: one chunk of the batch per thread up to kWeightGradChunk samples; more
 // samples are split into chunks (more blocks in flight, each summing fewer samples in series),
 // whose partial sums a second kernel adds in order.
@@ -618,9 +651,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_forward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
-    channel_sums_kernel<scalar_t, A><<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), lay, sp.per_split,
-        sp.splits, cblocks, false, false);
+    (sums_vector<scalar_t>(g, x.const_data_ptr(), nullptr) ? channel_sums_kernel<scalar_t, A, true>
+                                                            : channel_sums_kernel<scalar_t, A, false>)
+        <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), lay, sp.per_split,
+            sp.splits, cblocks, false, false);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     hidden_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
         partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(),
@@ -682,9 +717,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const uint8_t* mask = out_relu ? relu_mask.const_data_ptr<uint8_t>() : nullptr;
-    channel_sums_kernel<scalar_t, A><<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(), lay,
-        sp.per_split, sp.splits, cblocks, true, out_relu);
+    (sums_vector<scalar_t>(g, x.const_data_ptr(), grad_y.const_data_ptr()) ? channel_sums_kernel<scalar_t, A, true>
+                                                                          : channel_sums_kernel<scalar_t, A, false>)
+        <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(),
+            lay, sp.per_split, sp.splits, cblocks, true, out_relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dz1_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
         partial.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), hidden.const_data_ptr<A>(),
