@@ -303,11 +303,6 @@ def _triton_mlp(g, elem: int) -> Tuple[float, int]:
     return w1 + w2, iters
 
 
-def _sums_warps(dot: bool) -> int:
-    """channel_sums_kernel's warps (launch._sums_warps)."""
-    return launch._sums_warps(dot)
-
-
 def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     """launch.forward/backward's launches for `p` (plan, grids and warps from launch.py itself):
     fused (one program per sample) or channel_sums -> excite -> scale / grad_input; backward
@@ -332,7 +327,7 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     else:
         c_blocks, l_blocks = cdiv(c, plan.block_c), cdiv(l, plan.block_l)
         tile = (c / c_blocks) * (l / l_blocks)  # valid elements of an average tile
-        warps = _sums_warps(back)
+        warps = launch._sums_warps(back)
         sums_reads = 2 * xb + mask if back else xb
         ks.append(Kernel("channel_sums", plan.grids["channel_sums_kernel"][0], warps,
                          res.triton_resident("channel_sums_kernel", dt, plan.block_c, plan.block_l, None, warps),

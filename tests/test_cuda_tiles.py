@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from se_kernels.reference import ACTIVATION_GRADS, ACTIVATIONS, GATE_GRADS, GATES
+from se_kernels.triton.launch import ACTIVATION_CODES, GATE_CODES  # = csrc/se_common.h's Act, Gate
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "cpp" / "tiles_host.cpp"
-ACTIVATION_CODES = {"relu": 0, "silu": 1, "gelu": 2, "hardswish": 3}  # csrc/se_common.h's Act
-GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
 WIDTHS = {"float32": 4, "bfloat16": 8, "float64": 2}  # 16 bytes of each
 
 
@@ -97,30 +96,31 @@ def special_points():
     return torch.cat([torch.randn(4000, generator=g, dtype=torch.float64) * 4, edges.double()])
 
 
-@pytest.mark.parametrize("bits", [64, 32])
-@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
-def test_activation_math(lib, activation, bits):
+def check_function_and_grad(lib, which, code, bits, fn, grad_fn):
+    """se_math's function `which` and its derivative `which + 1` (code: the option) against the
+    reference's, at random and special points, in float64 or float32 arithmetic."""
     u = special_points()
     if bits == 32:
         u = u.float().double()
     tol = 1e-15 if bits == 64 else 2e-6  # float32: a few ulps of the intermediate terms
-    ref = ACTIVATIONS[activation](u)
-    torch.testing.assert_close(math(lib, 0, ACTIVATION_CODES[activation], bits, u), ref, rtol=tol, atol=tol)
-    grad = ACTIVATION_GRADS[activation](torch.ones_like(u), u)  # hardswish' at -3 and 3: 0 and 1
-    torch.testing.assert_close(math(lib, 1, ACTIVATION_CODES[activation], bits, u), grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(math(lib, which, code, bits, u), fn(u), rtol=tol, atol=tol)
+    torch.testing.assert_close(math(lib, which + 1, code, bits, u), grad_fn(u), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+@pytest.mark.parametrize("activation", list(ACTIVATION_CODES))
+def test_activation_math(lib, activation, bits):
+    # hardswish' at -3 and 3: 0 and 1, as aten's
+    check_function_and_grad(lib, 0, ACTIVATION_CODES[activation], bits, ACTIVATIONS[activation],
+                            lambda u: ACTIVATION_GRADS[activation](torch.ones_like(u), u))
 
 
 @pytest.mark.parametrize("bits", [64, 32])
 @pytest.mark.parametrize("gate", list(GATE_CODES))
 def test_gate_math(lib, gate, bits):
-    u = special_points()
-    if bits == 32:
-        u = u.float().double()
-    tol = 1e-15 if bits == 64 else 2e-6  # float32: a few ulps of the intermediate terms
-    torch.testing.assert_close(math(lib, 2, GATE_CODES[gate], bits, u), GATES[gate](u), rtol=tol, atol=tol)
     # the reference's formula: aten's float64 hardsigmoid backward multiplies by a float32 1/6
-    grad = GATE_GRADS[gate](torch.ones_like(u), u, GATES[gate](u))
-    torch.testing.assert_close(math(lib, 3, GATE_CODES[gate], bits, u), grad, rtol=tol, atol=tol)
+    check_function_and_grad(lib, 2, GATE_CODES[gate], bits, GATES[gate],
+                            lambda u: GATE_GRADS[gate](torch.ones_like(u), u, GATES[gate](u)))
 
 
 @pytest.mark.parametrize("has_res", [False, True])

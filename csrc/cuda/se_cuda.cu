@@ -559,13 +559,18 @@ Splits pixel_splits(const Geometry& g, int64_t channel_blocks) {
   return {static_cast<int>((g.L + per_split - 1) / per_split), per_split};
 }
 
-// The element-wise kernels' tiles: 16-byte accesses when every tensor they touch is 16-byte
-// aligned (rows then start aligned too when the row length is a multiple of the vector).
+// Whether every given tensor (nullptr: absent) starts on 16 bytes, as 16-byte accesses need.
+bool aligned16(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+// The element-wise kernels' tiles: 16-byte accesses when every tensor they touch is aligned
+// (rows then start aligned too when the row length is a multiple of the vector).
 template <typename T>
 RowTiles element_tiles(const Geometry& g, std::initializer_list<const void*> pointers) {
-  bool aligned = true;
-  for (const void* p : pointers) aligned = aligned && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
-  return tiles::make_row_tiles(g.N, g.C, g.L, g.pixel_rows, tiles::vec_width<T>(), aligned);
+  return tiles::make_row_tiles(g.N, g.C, g.L, g.pixel_rows, tiles::vec_width<T>(), aligned16(pointers));
 }
 
 // The element-wise kernels' compile-time variants, picked at run time.
@@ -599,9 +604,7 @@ auto grad_input_variant(bool vector, bool pixel_rows, bool masked) {
 // split starts on a vector).
 template <typename T>
 bool sums_vector(const Geometry& g, const void* x, const void* dy) {
-  constexpr int W = tiles::vec_width<T>();
-  const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return !g.pixel_rows && g.L % W == 0 && aligned(x) && aligned(dy);
+  return !g.pixel_rows && g.L % tiles::vec_width<T>() == 0 && aligned16({x, dy});
 }
 
 // Weight gradients: one chunk of the batch per thread up to kWeightGradChunk samples; more

@@ -8,11 +8,12 @@ have x's strides. The weights are contiguous: w1 (S, C), w2 (C, S). Float32 accu
 Two plans (chosen in launch.py):
   * fused: one program per sample holds its whole (C, L) slice in registers: pool, MLP, scale
     (backward: gate gradient, MLP backward, grad_x) in one launch, x read once.
-  * split: per-(sample, channel block, pixel split) partial sums, the MLP (forward: two small
-    GEMMs over blocks of samples, each weight read once per block; backward: one program per
-    sample), then a per-tile elementwise kernel; the reduction over pixels is spread over
-    programs so a few large samples still fill the GPU.
-The weight gradients are one more kernel that sums the batch in order: deterministic, no atomics.
+  * split: per-(sample, channel block, pixel split) partial sums, the MLP as two small GEMMs
+    over blocks of samples (each weight read once per block; backward the same way), then a
+    per-tile elementwise kernel; the reduction over pixels is spread over programs so a few
+    large samples still fill the GPU.
+The weight gradients are one more kernel that sums the batch in order, in chunks of samples whose
+partials a last kernel adds in chunk order: deterministic, no atomics.
 
 The relu epilogue's mask is one bit per element, bit i of a row at byte i // 8 (rows: the H*W
 pixels of a channel for NCHW, the C channels of a pixel for channels_last; each row starts on a

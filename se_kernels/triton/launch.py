@@ -140,7 +140,6 @@ class Plan:
             if grid[0] > GRID_X_MAX:
                 raise ValueError(f"se_kernels: {name} would need {grid[0]} programs, over CUDA's grid limit")
 
-
     def _mlp_grids(self, g: Geometry, backward: bool) -> dict:
         """The split plan's MLP: two GEMMs over sample blocks, one program per (sample block, S
         block), then per (sample block, C block)."""
@@ -316,9 +315,9 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
         if plan.wgrad_chunks == 1:
             outs, stride, offsets = grads, 0, (0, 0, 0)
         else:  # ACC partials, one row per chunk: [dW1 | db1 | dW2 | db2]
-            partial = torch.empty((plan.wgrad_chunks, total), device=x.device, dtype=pooled.dtype)
+            wpartial = torch.empty((plan.wgrad_chunks, total), device=x.device, dtype=pooled.dtype)
             sc = g.S * g.C
-            outs, stride, offsets = (partial,) * 4, total, (sc, sc + g.S, 2 * sc + g.S)
+            outs, stride, offsets = (wpartial,) * 4, total, (sc, sc + g.S, 2 * sc + g.S)
         _k(kernels.se_weight_grads_kernel)[plan.grids["se_weight_grads_kernel"]](
             dz1, dz2, hidden, pooled, *outs, g.N, g.C, g.S, plan.wgrad_per_chunk, stride, *offsets,
             ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s,
@@ -326,6 +325,6 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
         )
         if plan.wgrad_chunks > 1:
             _k(kernels.se_sum_chunks_kernel)[plan.grids["se_sum_chunks_kernel"]](
-                partial, *grads, g.C, g.S, plan.wgrad_chunks, BLOCK=SUM_BLOCK, num_warps=4,
+                wpartial, *grads, g.C, g.S, plan.wgrad_chunks, BLOCK=SUM_BLOCK, num_warps=4,
             )
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual
