@@ -14,7 +14,7 @@ endif
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export CUDA_HOME FORCE_CUDA TORCH_CUDA_ARCH_LIST
 
-.PHONY: test bench build clean
+.PHONY: test bench build lint clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,13 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 
 build: $(VENV)/.built
 
-# The suite, then the whole-model float32 tests again with ATen and oneDNN limited to AVX2: their
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+
+# ruff, the suite, then the whole-model float32 tests again with ATen and oneDNN limited to AVX2: their
 # float32 rounding differs between AVX2 and AVX-512 hosts, and the tolerance must hold on both.
 # With a CUDA toolkit: the CUDA kernels' ptxas resources (fails on spills or stack frames).
-test: build
+test: build lint
 	SE_KERNELS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SE_KERNELS_REQUIRE_EXT=1 \
 		$(PY) -m pytest -q -m float32_models tests/test_convert.py

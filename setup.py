@@ -12,10 +12,17 @@ Environment:
 
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    """The version is written once, in se_kernels/__init__.py."""
+    with open(os.path.join(ROOT, "se_kernels", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _cpu_has_avx2():
@@ -53,11 +60,14 @@ def _extensions():
         raise SystemExit("se_kernels: FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
     # -fopenmp: at::parallel_for is inline OpenMP; without it the kernels run on one thread.
     # At run time the extension shares the libgomp.so.1 that torch has already loaded.
-    cxx = opt + ["-fopenmp", "-fno-math-errno"] + _cpu_isa_flags()
+    # -Werror=switch: a switch over the options (Act, Gate: csrc/se_options.h) that misses one
+    # does not compile; they have no default cases. nvcc's device front end has no such check:
+    # the option math is __host__ __device__, and the host compiler checks it.
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-Werror=switch"] + _cpu_isa_flags()
     link = ["-fopenmp"]
     print(f"se_kernels: building {'CPU + CUDA' if use_cuda else 'CPU'} kernels, cxx flags {cxx}")
     if use_cuda:
-        nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Werror=switch"]
         ext = CUDAExtension(
             "se_kernels._C",
             sources + cuda_sources,
@@ -73,11 +83,12 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="se_kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fused Squeeze-and-Excitation for PyTorch: one op, forward and backward, on CPU and GPU",
     packages=find_packages(include=["se_kernels", "se_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    license="BSD-3-Clause",
 )

@@ -1,5 +1,6 @@
 """pytest configuration of the benchmark suite (`pytest benchmarks --benchmark-only`; CI's
-`pytest tests` does not collect benchmarks/)."""
+`pytest tests` does not collect benchmarks/): the benchmarks' malloc setting, and the machine
+facts in pytest-benchmark's report."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_se and shapes, whatever the import mode
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, bench_se and shapes, whatever the import mode
 
-import bench_se  # noqa: E402
+import harness  # noqa: E402
 
-_settings = {}
+_malloc = []
 
 
 def pytest_configure(config) -> None:
-    """bench_se's allocator setting (see bench_se.keep_freed_memory), so that both time the same
-    thing; --system-malloc has no pytest counterpart."""
-    _settings["malloc"] = bench_se.choose_malloc(system_malloc=False)
+    _malloc.append(harness.choose_malloc(system_malloc=False))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
-    machine_info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                        malloc=_settings["malloc"], cpu_model=bench_se.cpu_model())
+    machine_info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(), malloc=_malloc[-1],
+                        cpu_model=harness.cpu_model())

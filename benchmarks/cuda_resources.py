@@ -19,7 +19,8 @@ wheel) disassembles each variant twice, built with its tiles 4 steps long (as sh
 (-DSE_TILE_STEPS; the steps are unrolled). (instructions at 4 - instructions at 2) / (2 steps x
 the elements of a lane's step) is the cost of one element in the shipped tile: loads, math,
 stores, mask bits, bounds, address arithmetic (2 vs 4 rather than 4 vs 8: eight steps of
-prefetched data raise register pressure, and ptxas then rematerialises addresses it keeps at 4). The per-tile setup (the tile's row and sample: two divisions per warp) is
+prefetched data raise register pressure, and ptxas then rematerialises addresses it keeps at 4).
+The per-tile setup (the tile's row and sample: two divisions per warp) is
 reported apart, amortised over a full tile of 4 steps. Static counts: every runtime option
 (residual, relu mask, which outputs) is in the code, so one call executes at most this many.
 """
@@ -43,7 +44,8 @@ from typing import Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "csrc" / "cuda" / "se_cuda.cu"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cuda_ptxas.md"
-SETUP_NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]  # setup.py's extra nvcc args (no debug)
+# setup.py's extra nvcc args (no debug)
+SETUP_NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Werror=switch"]
 MAX_SASS_PER_ELEMENT = 12  # float32, 16-byte vectors: the issue rate allows ~56 per 32 elements at 4.8 TB/s
 ELEMENTWISE = ("scale_kernel", "grad_input_kernel")
 

@@ -38,10 +38,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import torch  # noqa: E402
-
 import shapes  # noqa: E402
+import torch  # noqa: E402
 from shapes import Site  # noqa: E402
+
 from se_kernels.triton import launch  # noqa: E402
 
 # ---- inputs (each with its source) ----------------------------------------------------------
@@ -404,14 +404,14 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     xb, mask = p.x_bytes, p.mask_bytes
     warps = CUDA_THREADS // 32
     cblocks, splits, per_split = cuda_splits(n, c, l)
-    vectors = n * (3 * c + sq) * acc
     ks: List[Kernel] = []
     # channel_sums: one warp per channel, lanes along the pixels, 16-byte loads when H*W is a multiple
     # of the vector width (pointers assumed aligned), else one element a lane; CUDA_UNROLL in flight
     per_elem = 2 * e + (1 / 8 if p.residual else 0) if back else e
     sums_width = 16 // e if l % (16 // e) == 0 else 1
     sums_variant = (args[0], "float" if len(args) == 1 else args[1], "true" if sums_width > 1 else "false")
-    ks.append(Kernel("channel_sums", cblocks * splits * n, warps, res.cuda_resident("channel_sums_kernel", sums_variant),
+    ks.append(Kernel("channel_sums", cblocks * splits * n, warps,
+                     res.cuda_resident("channel_sums_kernel", sums_variant),
                      min(CUDA_UNROLL * 32 * sums_width, per_split) * per_elem, 2 * xb + mask if back else xb,
                      n * splits * c * acc))
     # the MLP: two GEMMs over blocks of 8 samples x 32 outputs, the inner dimension 32 at a time

@@ -1,13 +1,10 @@
-"""Regenerate the README's "Measured results" section from the latest files in benchmarks/results/.
+"""Regenerate the results block of benchmarks/README.md from the newest files in
+benchmarks/results/: per (device, shape set, tag) the newest bench_se.py CSV with its markdown
+report, and per run name the newest bench_model.py report ({device}_{date}_model-NAME.md).
+Nothing here measures: every number comes from a file that names its command.
 
-    python benchmarks/readme_results.py            # rewrite README.md between the markers
-    python benchmarks/readme_results.py --print    # print the section instead
-
-Op results: for every (device, shape set, tag) the newest bench_se.py CSV
-({device-slug}_{YYYY-MM-DD}_{shape-set}[_{tag}].csv) and its markdown report (for the command, machine
-and date lines). Model results: the newest {device-slug}_{YYYY-MM-DD}_model-*.md written by
-bench_model.py --md (its headline lines). Nothing here measures: every number comes from a file
-that names the command that produced it.
+    python benchmarks/readme_results.py            # rewrite the block between the markers
+    python benchmarks/readme_results.py --print    # print it instead
 """
 
 from __future__ import annotations
@@ -17,168 +14,138 @@ import csv
 import math
 import re
 import sys
-from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+HERE = Path(__file__).resolve().parent
+RESULTS, README = HERE / "results", HERE / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 OP_FILE = re.compile(r"(?P<device>[a-z0-9-]+)_(?P<date>\d{4}-\d{2}-\d{2})_(?P<set>[a-z0-9-]+(_[a-z0-9-]+)?)\.csv")
 MODEL_FILE = re.compile(r"(?P<device>[a-z0-9-]+)_(?P<date>\d{4}-\d{2}-\d{2})_model-(?P<set>[a-z0-9-]+)\.md")
-BASELINES = ("eager", "compile")
-MODES = ("forward", "backward", "full")
+BASELINES, MODES = ("eager", "compile"), ("forward", "backward", "full")
 
 
-def newest(pattern: re.Pattern) -> Dict[Tuple[str, str], Path]:
-    """(device, set) -> the newest file of that kind (by the date in its name)."""
-    found: Dict[Tuple[str, str], Tuple[str, Path]] = {}
-    for path in sorted(RESULTS.iterdir()):
+def newest(pattern: re.Pattern) -> List[Path]:
+    """The newest file (by the date in its name) per (device, set), sorted by (device, set)."""
+    found: Dict[tuple, Path] = {}
+    for path in sorted(RESULTS.iterdir()):  # names start {device}_{date}: later dates sort later
         m = pattern.fullmatch(path.name)
-        if not m or m["set"].startswith("custom") or m["set"].startswith("model-") and pattern is OP_FILE:
-            continue
-        key = (m["device"], m["set"])
-        if key not in found or m["date"] >= found[key][0]:
-            found[key] = (m["date"], path)
-    return {k: v[1] for k, v in sorted(found.items())}
+        if m and not m["set"].startswith(("custom", "model-")):
+            found[(m["device"], m["set"])] = path
+    return [found[key] for key in sorted(found)]
 
 
-def tagged(path: Path) -> bool:
-    return "_" in OP_FILE.fullmatch(path.name)["set"]
-
-
-def header_lines(md: Path) -> List[str]:
-    """The command and the machine lines of a bench_se/bench_model markdown report."""
-    lines = md.read_text().splitlines()
-    keep = [l for l in lines if l.startswith("Command:")]
-    keep += [l for l in lines if re.match(r"- (date|machine|device|torch|source|malloc|others|load|setting|batches):", l)]
-    return keep
+def link(path: Path) -> str:
+    return f"[{path.name}]({path.relative_to(HERE)})"
 
 
 def geomean(values: List[float]) -> float:
     values = [v for v in values if v == v and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
 
 
-def op_section(csv_path: Path) -> List[str]:
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    fused = sorted({r["provider"] for r in rows} - set(BASELINES))
-    out = [f"**{rows[0]['device']}, shape set `{rows[0]['shape_set']}`** "
-           f"(`{csv_path.relative_to(ROOT)}`, report beside it)", ""]
-    md = csv_path.with_suffix(".md")
-    if md.exists():
-        out += [f"- {l.lstrip('- ')}" for l in header_lines(md)] + [""]
-    variants = defaultdict(list)
+def table(head: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def by_variant(rows: List[dict]) -> Dict[tuple, List[dict]]:
+    variants: Dict[tuple, List[dict]] = {}
     for r in rows:
-        variants[(r["dtype"], r["layout"], r["epilogue"])].append(r)
-    for (dtype, layout, epilogue), vrows in variants.items():
-        modes = [m for m in MODES if any(r["mode"] == m for r in vrows)]
-        out.append(f"{dtype}, {layout}, epilogue {epilogue}: per provider, median ms / fraction of the "
-                   "copy floor / speedup over eager / over torch.compile")
-        out.append("")
-        head = ["site (NxCxHxW/S)", "mode", "eager ms", "compile ms"]
-        for p in fused:
-            head += [f"{p} ms", f"{p} of floor", f"{p} vs eager", f"{p} vs compile"]
-        out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        variants.setdefault((r["dtype"], r["layout"], r["epilogue"]), []).append(r)
+    return variants
+
+
+def speedups(rows: List[dict], mode: str, provider: str) -> List[str]:
+    """Geometric means of the speedups over eager and over compile, or "-" without such rows."""
+    of = [r for r in rows if (r["mode"], r["provider"]) == (mode, provider)]
+    return [f"{geomean([float(r['speedup_vs_' + peer]) for r in of]):.2f}x" if of else "-" for peer in BASELINES]
+
+
+def summary(paths: List[Path]) -> List[str]:
+    """One row per (op results file, variant, fused provider): geometric means over the sites."""
+    out = []
+    for path in paths:
+        rows = list(csv.DictReader(path.open()))
+        for variant, vrows in by_variant(rows).items():
+            for p in sorted({r["provider"] for r in vrows} - set(BASELINES)):
+                out.append([f"[{path.stem}]({path.with_suffix('.md').relative_to(HERE)})", vrows[0]["device"],
+                            ", ".join(variant), p] + [c for m in MODES for c in speedups(vrows, m, p)])
+    return table(["report", "device", "variant", "provider"] + [f"{m} vs {peer}" for m in MODES
+                                                                for peer in BASELINES], out) + [""]
+
+
+def op_section(path: Path) -> List[str]:
+    """Per-site tables of one untagged bench_se.py run, after its command and machine lines."""
+    rows = list(csv.DictReader(path.open()))
+    fused = sorted({r["provider"] for r in rows} - set(BASELINES))
+    out = [f"**{rows[0]['device']}, shape set `{rows[0]['shape_set']}`** ({link(path)}, report beside it)", ""]
+    md = path.with_suffix(".md")
+    if md.exists():
+        lines = md.read_text().splitlines()
+        out += [f"- {line.lstrip('- ')}" for line in lines if line.startswith("Command:")] + [
+            line for line in lines if re.match(r"- (date|machine|device|torch|source|malloc|others):", line)] + [""]
+    for (dtype, layout, epilogue), vrows in by_variant(rows).items():
+        out += [f"{dtype}, {layout}, epilogue {epilogue}: per provider, median ms / fraction of the copy floor / "
+                "speedup over eager / over torch.compile", ""]
+        head = ["site (NxCxHxW/S)", "mode", "eager ms", "compile ms"] + [
+            f"{p} {c}" for p in fused for c in ("ms", "of floor", "vs eager", "vs compile")]
         by = {(r["site"], r["mode"], r["provider"]): r for r in vrows}
-        sites = list(dict.fromkeys(r["site"] for r in vrows))
-        for mode in modes:
-            for site in sites:
-                cells = [site, mode]
-                for p in BASELINES:
-                    r = by.get((site, mode, p))
-                    cells.append(f"{float(r['median_ms']):.3f}" if r else "-")
-                for p in fused:
-                    r = by.get((site, mode, p))
-                    if r is None:
-                        cells += ["-"] * 4
-                        continue
-                    cells += [f"{float(r['median_ms']):.3f}", f"{float(r['fraction_of_floor']):.2f}",
-                              f"{float(r['speedup_vs_eager']):.2f}x", f"{float(r['speedup_vs_compile']):.2f}x"]
-                out.append("| " + " | ".join(cells) + " |")
+        body = []
+        for mode in [m for m in MODES if any(r["mode"] == m for r in vrows)]:
+            for site in dict.fromkeys(r["site"] for r in vrows):
+                cells = [site, mode] + [f"{float(by[(site, mode, p)]['median_ms']):.3f}" if (site, mode, p) in by
+                                        else "-" for p in BASELINES]
+                for r in [by.get((site, mode, p)) for p in fused]:
+                    cells += ["-"] * 4 if r is None else [
+                        f"{float(r['median_ms']):.3f}", f"{float(r['fraction_of_floor']):.2f}",
+                        f"{float(r['speedup_vs_eager']):.2f}x", f"{float(r['speedup_vs_compile']):.2f}x"]
+                body.append(cells)
             for p in fused:
-                pr = [r for r in vrows if r["mode"] == mode and r["provider"] == p]
-                ge = geomean([float(r["speedup_vs_eager"]) for r in pr])
-                gc = geomean([float(r["speedup_vs_compile"]) for r in pr])
                 cells = [f"**geomean, {p}**", mode, "", ""]
                 for q in fused:
-                    cells += (["", "", f"**{ge:.2f}x**", f"**{gc:.2f}x**"] if q == p else [""] * 4)
-                out.append("| " + " | ".join(cells) + " |")
-        out.append("")
+                    cells += ["", ""] + [f"**{s}**" for s in speedups(vrows, mode, p)] if q == p else [""] * 4
+                body.append(cells)
+        out += table(head, body) + [""]
     return out
 
 
 def model_section(md: Path) -> List[str]:
-    """bench_model.py's report from its command down to the end of its headline."""
+    """bench_model.py's report from its command to the end of its headline."""
     text = md.read_text().splitlines()
-    out = [f"**SE overhead in whole networks** (`{md.relative_to(ROOT)}`)", ""]
-    start = next((i for i, l in enumerate(text) if l.startswith("Command:")), 1)
-    headline = next((i for i, l in enumerate(text) if l.startswith("## Headline")), len(text))
+    start = next((i for i, line in enumerate(text) if line.startswith("Command:")), 1)
+    headline = next((i for i, line in enumerate(text) if line.startswith("## Headline")), len(text))
     end = next((i for i in range(headline + 1, len(text)) if text[i].startswith("## ")), len(text))
-    for line in text[start:end]:
-        out.append("Headline:" if line.startswith("## Headline") else line)
-    return out + [""]
+    return [f"**SE overhead in whole networks** ({link(md)})", ""] + [
+        "Headline:" if line.startswith("## Headline") else line for line in text[start:end]] + [""]
 
 
-def summary(paths: List[Path]) -> List[str]:
-    """One row per (op results file, fused provider, dtype/layout/epilogue): geomean speedups."""
-    out = ["| report | device | variant | provider | " + " | ".join(
-        f"{m} vs eager | {m} vs compile" for m in MODES) + " |", "|" + " --- |" * (4 + 2 * len(MODES))]
-    for path in paths:
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        for variant in dict.fromkeys((r["dtype"], r["layout"], r["epilogue"]) for r in rows):
-            vrows = [r for r in rows if (r["dtype"], r["layout"], r["epilogue"]) == variant]
-            for p in sorted({r["provider"] for r in vrows} - set(BASELINES)):
-                report = path.with_suffix(".md")
-                cells = [f"[{path.stem}]({report.relative_to(ROOT)})", vrows[0]["device"], ", ".join(variant), p]
-                for m in MODES:
-                    pr = [r for r in vrows if r["mode"] == m and r["provider"] == p]
-                    if not pr:
-                        cells += ["-", "-"]
-                        continue
-                    cells += [f"{geomean([float(r['speedup_vs_eager']) for r in pr]):.2f}x",
-                              f"{geomean([float(r['speedup_vs_compile']) for r in pr]):.2f}x"]
-                out.append("| " + " | ".join(cells) + " |")
-    return out + [""]
-
-
-def section() -> str:
-    lines = [BEGIN, "",
-             "Generated by `python benchmarks/readme_results.py` from the newest files in "
-             "`benchmarks/results/`; each block names the command that produced it.", ""]
+def block() -> str:
     ops = newest(OP_FILE)
-    if not ops:
-        lines += ["No op benchmark results yet.", ""]
-    else:
-        lines += ["Geometric means of the speedups over each set's sites (per-site tables: below for "
-                  "the untagged runs, in the linked report for the others):", ""] + summary(list(ops.values()))
-    for path in ops.values():
-        if not tagged(path):  # tagged runs (e.g. --full --tag full): the summary rows and their report
+    lines = [BEGIN, "", "Generated by `python benchmarks/readme_results.py` from the newest files in `results/`; "
+             "each block names the command that produced it.", ""]
+    lines += ["Geometric means of the speedups over each set's sites (per-site tables: below for the untagged "
+              "runs, in the linked report for the others):", ""] + summary(ops) if ops else ["No op results yet.", ""]
+    for path in ops:
+        if "_" not in OP_FILE.fullmatch(path.name)["set"]:  # untagged
             lines += op_section(path)
-    for path in newest(MODEL_FILE).values():
+    for path in newest(MODEL_FILE):
         lines += model_section(path)
-    lines.append(END)
-    return "\n".join(lines)
+    return "\n".join(lines + [END])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--print", action="store_true", help="print the section instead of rewriting README.md")
-    args = p.parse_args()
-    text = section()
-    if args.print:
+    p.add_argument("--print", action="store_true", help="print the block instead of rewriting benchmarks/README.md")
+    text = block()
+    if p.parse_args().print:
         print(text)
         return
     readme = README.read_text()
     if BEGIN not in readme or END not in readme:
-        sys.exit(f"README.md has no {BEGIN} ... {END} markers")
+        sys.exit(f"benchmarks/README.md has no {BEGIN} ... {END} markers")
     head, rest = readme.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    README.write_text(head + text + tail)
-    print(f"rewrote the results section of {README.relative_to(ROOT)}")
+    README.write_text(head + text + rest.split(END, 1)[1])
+    print("rewrote the results block of benchmarks/README.md")
 
 
 if __name__ == "__main__":

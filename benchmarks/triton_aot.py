@@ -670,7 +670,7 @@ def report_rows(result: Result) -> List[dict]:
     rows = []
     for key, by_arch in groups.items():
         def cell(f):
-            return " / ".join(f(by_arch[a]) if a in by_arch else "–" for a in archs)
+            return " / ".join(f(by_arch[a]) if a in by_arch else "–" for a in archs)  # noqa: B023 (called within this iteration)
 
         row = dict(zip(("kernel", "plan", "dtype", "layout", "block_c", "block_l", "block_s", "warps"), key))
         row.update(
@@ -704,7 +704,7 @@ def problems(result: Result) -> List[str]:
     """Variants that spill or have a stack frame / local memory (what CI fails on), each with
     the calls that launch it."""
     calls: Dict[str, List[str]] = {}
-    for case, arch, fused, name, key, kw in result.uses:
+    for case, arch, _fused, _name, key, _kw in result.uses:
         c = (f"{case['shape_set']} {case['site']} {case['dtype']} {case['layout']} {case['epilogue']} "
              f"{case['direction']} {case['activation']}/{case['gate']}")
         calls.setdefault(f"{arch}|{key}", []).append(c)

@@ -10,32 +10,43 @@
 #include <string>
 #include <tuple>
 
+#include "se_options.h"
+
 namespace se_kernels {
 
-enum class Act { ReLU, SiLU, GELU, HardSwish };
-enum class Gate { Sigmoid, HardSigmoid };
+// The option named `name`, or TORCH_CHECK_VALUE naming the options there are (the names and their
+// order: se_options.h, which follows se_kernels/reference.py).
+template <typename Option>
+Option parse_option(const char* what, c10::string_view name) {
+  std::string allowed;
+  for (int code = 0; option_name(static_cast<Option>(code)) != nullptr; ++code) {
+    const c10::string_view candidate = option_name(static_cast<Option>(code));
+    if (name == candidate) return static_cast<Option>(code);
+    allowed += (code ? ", '" : "'") + std::string(candidate) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "se_kernels: ", what, " must be one of ", allowed, "; got '", std::string(name), "'");
+}
 
 inline Act parse_activation(c10::string_view name) {
-  if (name == "relu") return Act::ReLU;
-  if (name == "silu") return Act::SiLU;
-  if (name == "gelu") return Act::GELU;
-  if (name == "hardswish") return Act::HardSwish;
-  TORCH_CHECK_VALUE(false, "se_kernels: activation must be one of relu, silu, gelu, hardswish; got '",
-                    std::string(name), "'");
+  return parse_option<Act>("activation", name);
 }
 
 inline Gate parse_gate(c10::string_view name) {
-  if (name == "sigmoid") return Gate::Sigmoid;
-  if (name == "hardsigmoid") return Gate::HardSigmoid;
-  TORCH_CHECK_VALUE(false, "se_kernels: gate must be one of sigmoid, hardsigmoid; got '", std::string(name), "'");
+  return parse_option<Gate>("gate", name);
 }
 
-// true: out_activation == "relu"; false: None.
+// true: out_activation == "relu"; false: None (se_kernels/reference.py's OUT_ACTIVATIONS).
 inline bool parse_out_activation(const std::optional<c10::string_view>& name) {
   if (!name.has_value()) return false;
-  TORCH_CHECK_VALUE(*name == "relu", "se_kernels: out_activation must be None or 'relu'; got '",
+  TORCH_CHECK_VALUE(*name == "relu", "se_kernels: out_activation must be one of None, 'relu'; got '",
                     std::string(*name), "'");
   return true;
+}
+
+// After a switch over every Act or Gate: a value that is no enumerator (never made by the parsers
+// above) stops here instead of computing something.
+[[noreturn]] C10_NOINLINE inline void unknown_option(const char* what, int code) {
+  TORCH_CHECK(false, "se_kernels: internal error: ", what, " code ", code, " is no option");
 }
 
 // How the kernels walk x: as rows of H*W pixels per channel (NCHW), or as rows of C channels

@@ -26,7 +26,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .reference import ACTIVATION_GRADS, ACTIVATIONS, GATE_GRADS, GATES
+from .reference import ACTIVATION_GRADS, ACTIVATIONS, GATE_GRADS, GATES, check_options
 
 SCHEMA = (
     "se_backward_differentiable(Tensor grad_y, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
@@ -57,6 +57,7 @@ def se_backward_differentiable(
 ) -> List[Tensor]:
     """[grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual] for se_forward's inputs, as
     differentiable functions of grad_y, x, w1, b1, w2, b2 (see the module docstring)."""
+    check_options(activation, gate, out_activation)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, c, h, w = x.shape
     s = w1.shape[0]

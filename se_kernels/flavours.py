@@ -55,7 +55,9 @@ def _probe_function(module: nn.Module, names: Dict[str, Callable]) -> Optional[s
     return None
 
 
-_EXACT = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+_EXACT = {
+    nn.ReLU: "relu", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid",
+}
 
 
 def _function_name(module: nn.Module, names: Dict[str, Callable], role: str, where: str) -> str:

@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from .reference import ACTIVATIONS, GATES, OUT_ACTIVATIONS
+from . import ops, reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -17,12 +16,8 @@ def _shape(t: torch.Tensor) -> tuple:
 
 
 def check_options(activation, gate, out_activation, backend) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
-    if gate not in GATES:
-        raise ValueError(f"gate must be one of {sorted(GATES)}; got {gate!r}")
-    if out_activation not in OUT_ACTIVATIONS:
-        raise ValueError(f"out_activation must be None or 'relu'; got {out_activation!r}")
+    """ValueError naming the allowed values (se_kernels/reference.py's lists) for an unknown one."""
+    reference.check_options(activation, gate, out_activation)
     if backend != "auto" and backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + ops.BACKENDS}; got {backend!r}")
 

@@ -72,17 +72,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # check what the native kernels check (csrc/se_common.h, check_forward_args and
 # check_backward_args), with torch._check so that symbolic shapes become guards.
 
-_OPTIONS = {
-    "activation": tuple(reference.ACTIVATIONS),
-    "gate": tuple(reference.GATES),
-    "out_activation": tuple(reference.OUT_ACTIVATIONS),
-}
-
-
 def _check_options(activation, gate, out_activation) -> None:
     for name, value in (("activation", activation), ("gate", gate), ("out_activation", out_activation)):
-        torch._check_value(value in _OPTIONS[name],
-                           lambda: f"se_kernels: {name} must be one of {_OPTIONS[name]}; got {value!r}")
+        message = reference.option_error(name, value)
+        torch._check_value(message is None, lambda: f"se_kernels: {message}")  # noqa: B023 (called within this iteration)
 
 
 def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -99,7 +92,8 @@ def check_forward_args(x, w1, b1, w2, b2, residual) -> None:
     torch._check_value(x.dim() == 4, lambda: f"se_kernels: x must be 4-D (N, C, H, W); got shape {list(x.shape)}")
     torch._check_type(x.dtype.is_floating_point, lambda: f"se_kernels: x must be floating point; got {x.dtype}")
     n, c, h, w = x.shape
-    torch._check_value(c >= 1 and h * w >= 1, lambda: f"se_kernels: x needs C >= 1 and H*W >= 1; got shape {list(x.shape)}")
+    torch._check_value(c >= 1 and h * w >= 1,
+                       lambda: f"se_kernels: x needs C >= 1 and H*W >= 1; got shape {list(x.shape)}")
     torch._check(
         x.is_contiguous(memory_format=torch.channels_last if uses_pixel_rows(x) else torch.contiguous_format),
         lambda: f"se_kernels: x must be NCHW-contiguous or channels_last-contiguous; got strides {list(x.stride())}",
@@ -115,11 +109,12 @@ def check_forward_args(x, w1, b1, w2, b2, residual) -> None:
         _check_like_x(name, t, x)
         if size is not None:
             torch._check_value(t.dim() == 1 and t.shape[0] == size,
-                               lambda: f"se_kernels: {name} must have shape ({size},); got {list(t.shape)}")
+                               lambda: f"se_kernels: {name} must have shape ({size},); got {list(t.shape)}")  # noqa: B023 (called within this iteration)
     if residual is not None:
         _check_like_x("residual", residual, x)
         torch._check_value(residual.shape == x.shape,
-                           lambda: f"se_kernels: residual must have x's shape {list(x.shape)}; got {list(residual.shape)}")
+                           lambda: f"se_kernels: residual must have x's shape {list(x.shape)}; "
+                                   f"got {list(residual.shape)}")
         _check_layout("residual", residual, x)
 
 
@@ -128,16 +123,18 @@ def check_backward_args(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mas
     n, c, h, w = x.shape
     s = w1.shape[0]
     torch._check_value(grad_y.shape == x.shape and grad_y.dtype == x.dtype,
-                       lambda: f"se_kernels: grad_y must match x in shape and dtype; got {list(grad_y.shape)} {grad_y.dtype}")
-    torch._check_value(grad_y.device == x.device, lambda: f"se_kernels: grad_y is on {grad_y.device} but x is on {x.device}")
+                       lambda: f"se_kernels: grad_y must match x in shape and dtype; "
+                               f"got {list(grad_y.shape)} {grad_y.dtype}")
+    torch._check_value(grad_y.device == x.device,
+                       lambda: f"se_kernels: grad_y is on {grad_y.device} but x is on {x.device}")
     _check_layout("grad_y", grad_y, x)
     acc = accumulation_dtype(x.dtype)
     for name, t, cols in (("pooled", pooled, c), ("hidden", hidden, s), ("gate_logits", gate_logits, c)):
         torch._check(
             t.dim() == 2 and t.shape[0] == n and t.shape[1] == cols and t.is_contiguous() and t.dtype == acc
             and t.device == x.device,
-            lambda: f"se_kernels: {name} must be a contiguous ({n}, {cols}) {acc} tensor on {x.device}; got "
-                    f"{list(t.shape)} {t.dtype} on {t.device}",
+            lambda: f"se_kernels: {name} must be a contiguous ({n}, {cols}) {acc} tensor on {x.device}; got "  # noqa: B023 (called within this iteration)
+                    f"{list(t.shape)} {t.dtype} on {t.device}",  # noqa: B023 (called within this iteration)
         )
     if out_activation == "relu":
         rows, row_len = (h * w, c) if uses_pixel_rows(x) else (c, h * w)

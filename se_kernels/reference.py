@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The options: the one list of what the op computes, name -> function. Every backend takes these
+# names and no others (check_option below, at the API). The native kernels' enums
+# (csrc/se_options.h) and the Triton kernels' codes (se_kernels/triton/kernels.py) follow the
+# order of ACTIVATIONS and GATES: an option's code is its index here; tests/test_options.py checks
+# that they agree. An option added here needs its derivative below and code in every backend.
 ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
@@ -43,6 +48,33 @@ GATE_GRADS = {
     "hardsigmoid": lambda grad, u, g: grad * ((u > -3) & (u < 3)).to(grad.dtype) / 6,
 }
 
+OPTIONS = {"activation": ACTIVATIONS, "gate": GATES, "out_activation": OUT_ACTIVATIONS}
+
+
+def option_error(option: str, value) -> Optional[str]:
+    """None if `value` names one of OPTIONS[option], else the message saying what it may be."""
+    table = OPTIONS[option]
+    try:
+        known = value in table
+    except TypeError:  # unhashable
+        known = False
+    if known:
+        return None
+    return f"{option} must be one of {', '.join(repr(name) for name in table)}; got {value!r}"
+
+
+def check_option(option: str, value) -> None:
+    """Raises ValueError naming the allowed values unless `value` is one of OPTIONS[option]."""
+    message = option_error(option, value)
+    if message is not None:
+        raise ValueError(message)
+
+
+def check_options(activation, gate, out_activation) -> None:
+    check_option("activation", activation)
+    check_option("gate", gate)
+    check_option("out_activation", out_activation)
+
 
 def se_reference(
     x: torch.Tensor,
@@ -66,6 +98,7 @@ def se_reference(
     Returns:
         out_activation(x * gate(act(mean_hw(x) w1^T + b1) w2^T + b2) + residual), (N, C, H, W).
     """
+    check_options(activation, gate, out_activation)
     if w1.dim() == 2:
         w1 = w1[:, :, None, None]
     if w2.dim() == 2:
@@ -112,12 +145,7 @@ class SEBase(nn.Module):
             squeeze_channels = max(1, channels // reduction)
         if not isinstance(squeeze_channels, int) or squeeze_channels < 1:
             raise ValueError(f"squeeze_channels must be an int >= 1; got {squeeze_channels!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
-        if gate not in GATES:
-            raise ValueError(f"gate must be one of {sorted(GATES)}; got {gate!r}")
-        if out_activation not in OUT_ACTIVATIONS:
-            raise ValueError(f"out_activation must be None or 'relu'; got {out_activation!r}")
+        check_options(activation, gate, out_activation)
         self.fc1 = nn.Conv2d(channels, squeeze_channels, 1, bias=bias)
         self.fc2 = nn.Conv2d(squeeze_channels, channels, 1, bias=bias)
         self.activation = activation

@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 import torch
+from helpers import CPU_BACKENDS, NATIVE_CPU, Case, fresh_seed, make_inputs, rel_err
 
-from conftest import CPU_BACKENDS, NATIVE_CPU, Case, fresh_seed, make_inputs, rel_err
 from se_kernels import FusedSE, available_backends, fused_se, ops
 from se_kernels.reference import ReferenceSE, se_reference
 

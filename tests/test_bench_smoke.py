@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_se  # noqa: E402
+import harness  # noqa: E402
 import shapes  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -109,7 +110,18 @@ def test_shape_sets():
 
 
 def test_device_slug():
-    assert bench_se.slugify("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") == "intel-xeon-platinum-8375c"
-    assert bench_se.slugify("AMD EPYC 7763 64-Core Processor") == "amd-epyc-7763"
-    assert bench_se.slugify("NVIDIA H200") == "nvidia-h200"
-    assert bench_se.device_slug(CPU).startswith("cpu-")
+    assert harness.slugify("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") == "intel-xeon-platinum-8375c"
+    assert harness.slugify("AMD EPYC 7763 64-Core Processor") == "amd-epyc-7763"
+    assert harness.slugify("NVIDIA H200") == "nvidia-h200"
+    assert harness.device_slug(CPU).startswith("cpu-")
+
+
+def test_harness_quantiles_rounds_and_tables():
+    assert [harness.quantile([4.0, 1.0, 3.0, 2.0], q) for q in (0.0, 0.2, 0.5, 1.0)] == [1.0, 1.6, 2.5, 4.0]
+    order = []
+    workloads = {name: harness.Workload(run=lambda name=name: order.append(name)) for name in "abc"}
+    times = harness.timed_rounds(workloads, CPU, target_s=0.0, min_rounds=4, max_rounds=100)
+    assert {len(t) for t in times.values()} == {6} and order[:6] == list("abcbca")  # whole rotations
+    text = harness.text_table(("name", "ms"), [("a", "1.5"), ("bb", "10.25")])
+    assert text == ["name     ms", "-----------", "a       1.5", "bb    10.25"]
+    assert harness.markdown_table(("a|b",), [("x",)]) == ["| a\\|b |", "| --- |", "| x |"]

@@ -22,6 +22,9 @@ pytest.importorskip("torchvision")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
+# Trains a real script end to end (torchrun starts two processes): `pytest -m "not slow"` skips it.
+pytestmark = pytest.mark.slow
+
 
 def load_script():
     spec = importlib.util.spec_from_file_location("cifar10_train", SCRIPT)

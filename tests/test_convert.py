@@ -10,11 +10,16 @@ import logging
 
 import pytest
 import torch
+from helpers import (
+    FLOAT32_MODEL_RULES,
+    assert_float32_model_matches,
+    float32_model_errors,
+    float32_model_verdicts,
+    fresh_seed,
+    rel_err,
+)
 from torch import nn
 
-from conftest import (
-    FLOAT32_MODEL_RULES, assert_float32_model_matches, float32_model_errors, float32_model_verdicts, fresh_seed, rel_err,
-)
 from se_kernels import FusedSE, convert_se_modules
 from se_kernels.flavours import UnsupportedSE
 
@@ -152,7 +157,7 @@ def model_step(model, seed=2):
 def test_float32_as_accurate_as_the_original(name, mode):
     """float32, against the float64 original: outputs and every parameter gradient as accurate
     as the original float32 model's, pooled over re-rolled roundings
-    (conftest.assert_float32_model_matches; FLOAT32_MODEL_RULES[mode])."""
+    (helpers.assert_float32_model_matches; FLOAT32_MODEL_RULES[mode])."""
     train = mode == "train"
     reference = build_for_float32(name, torch.float64, train)
     original = build_for_float32(name, torch.float32, train)
@@ -363,7 +368,7 @@ def test_float32_model_rule_rejects_wrong_gradients(mode):
         def off_step(x):
             out = converted_step(x)
             for k in se_names:
-                out[k] = out[k] * (1 + off_by * torch.randn(out[k].shape, generator=g).sign())
+                out[k] = out[k] * (1 + off_by * torch.randn(out[k].shape, generator=g).sign())  # noqa: B023 (called within this iteration)
             return out
 
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed))

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run
-from se_kernels import available_backends, fused_se, ops
+from helpers import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run
 from test_triton import EPILOGUES, ODD, aoti_package_matches_eager, capture_and_replay, check, to_device
+
+from se_kernels import available_backends, fused_se, ops
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available() or "cuda" not in available_backends("cuda"),
@@ -23,8 +23,8 @@ pytestmark = [
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_options(activation, gate, channels_last):
-    i = ACTIVATIONS.index(activation) + 4 * GATES.index(gate)
-    residual, out_activation = EPILOGUES[i % 4]
+    i = ACTIVATIONS.index(activation) + len(ACTIVATIONS) * GATES.index(gate)
+    residual, out_activation = EPILOGUES[i % len(EPILOGUES)]
     case = Case((3, 24, 5, 7), 6, activation, gate, i % 3 != 0, residual, out_activation, channels_last)
     check(case, torch.float32, fresh_seed(), backend="cuda")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from se_kernels.reference import ACTIVATION_GRADS, ACTIVATIONS, GATE_GRADS, GATES
-from se_kernels.triton.launch import ACTIVATION_CODES, GATE_CODES  # = csrc/se_common.h's Act, Gate
+from se_kernels.triton.launch import ACTIVATION_CODES, GATE_CODES  # = csrc/se_options.h's Act, Gate
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "tests" / "cpp" / "tiles_host.cpp"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err
 
-from conftest import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err
 from se_kernels import available_backends, fused_se
 from se_kernels.reference import se_reference
 

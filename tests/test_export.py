@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import NATIVE_CPU, fresh_seed, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import NATIVE_CPU, fresh_seed, rel_err
 from se_kernels import FusedSE, convert_se_modules, ops
 
 torchvision = pytest.importorskip("torchvision")

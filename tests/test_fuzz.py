@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    ACTIVATIONS,
+    GATES,
+    GRAD_NAMES,
+    NATIVE_CPU,
+    Case,
+    assert_float32_matches,
+    assert_low_precision_matches,
+    make_inputs,
+    reference64,
+    run,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (
-    ACTIVATIONS, GATES, GRAD_NAMES, NATIVE_CPU, Case, assert_float32_matches, assert_low_precision_matches, make_inputs, reference64, run,
-)
 from se_kernels import fused_se
 from se_kernels.reference import se_reference
 

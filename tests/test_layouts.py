@@ -108,7 +108,8 @@ def check(backend, n, c, h, w, s, x_layout, r_layout, dy_layout, residual, out_a
             y.backward(views["dy"])
         grads = [x.grad] + [p.grad for p in params] + ([r.grad] if r is not None else [])
         results.append([y.detach()] + grads)
-    where = f"backend={backend} device={device} shape={shape} S={s} x={x_layout} r={r_layout} dy={dy_layout} seed={seed}"
+    where = (f"backend={backend} device={device} shape={shape} S={s} "
+             f"x={x_layout} r={r_layout} dy={dy_layout} seed={seed}")
     for i, (ours, ref) in enumerate(zip(*results)):
         assert ours.shape == ref.shape, where
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9, msg=f"output {i}: {where}")

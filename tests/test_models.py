@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel_err
 
-from conftest import rel_err
 from se_kernels import FusedSE
 from se_kernels.models import MODELS
 from se_kernels.reference import ReferenceSE

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ACTIVATIONS, GATES, Case, fresh_seed, make_inputs
 from torch import nn
 
-from conftest import ACTIVATIONS, GATES, Case, fresh_seed, make_inputs
 from se_kernels.reference import ReferenceSE, se_reference
 
 torchvision = pytest.importorskip("torchvision")

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import (
-    ACTIVATIONS, GATES, GRAD_NAMES, Case, assert_float32_matches, assert_low_precision_matches, fresh_seed, make_inputs, reference64, rel_err, run,
+from helpers import (
+    ACTIVATIONS,
+    GATES,
+    GRAD_NAMES,
+    Case,
+    assert_float32_matches,
+    assert_low_precision_matches,
+    fresh_seed,
+    make_inputs,
+    reference64,
+    rel_err,
+    run,
 )
+
 from se_kernels import available_backends, fused_se, ops
 from se_kernels.reference import se_reference
 
@@ -69,8 +79,8 @@ def check(case: Case, dtype: torch.dtype, seed: int, backend: str = "triton") ->
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_options(plan, activation, gate, channels_last):
-    i = ACTIVATIONS.index(activation) + 4 * GATES.index(gate)
-    residual, out_activation = EPILOGUES[i % 4]
+    i = ACTIVATIONS.index(activation) + len(ACTIVATIONS) * GATES.index(gate)
+    residual, out_activation = EPILOGUES[i % len(EPILOGUES)]
     case = Case((3, 24, 5, 7), 6, activation, gate, i % 3 != 0, residual, out_activation, channels_last)
     check(case, torch.float32, fresh_seed())
 
@@ -287,8 +297,9 @@ def test_launch_plan_grid_limits(shape, channels_last, backward):
     channel-sum grids cover every (sample, channel block, pixel block) tile; checked on meta
     tensors as an H200 (132 SMs) would plan them. Offsets within a sample switch to int64
     (WIDE) when C*H*W reaches 2^31."""
-    from se_kernels.triton import launch
     import triton
+
+    from se_kernels.triton import launch
 
     x = torch.empty(shape, device="meta")
     if channels_last:

@@ -45,7 +45,8 @@ def _selections():
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """arch -> triton_aot.Result (compile errors fail here, with the compiler's output)."""
+    """arch -> triton_aot.Result (compile errors fail here, with the compiler's output). Minutes
+    cold, on every core: every test that uses it is marked slow."""
     missing = triton_aot.tools_missing()
     if missing is not None:
         pytest.skip(f"cannot compile for NVIDIA GPUs here (no ptxas/cuobjdump in the triton wheel?): {missing}")
@@ -61,6 +62,7 @@ def compiled(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
 def test_no_spills_or_stack_frames(compiled, arch):
     bad = triton_aot.problems(compiled[arch])
@@ -74,6 +76,7 @@ MEMORY_BOUND_KERNELS = ("channel_sums_kernel", "se_scale_kernel", "se_grad_input
 MEMORY_BOUND_MAX_REGISTERS = 128
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
 def test_memory_bound_kernels_fit_128_registers(compiled, arch):
     result = compiled[arch]
@@ -97,6 +100,7 @@ def test_memory_bound_kernels_fit_128_registers(compiled, arch):
                       f"{MEMORY_BOUND_MAX_REGISTERS} registers on sm_{arch}:\n" + "\n".join(sorted(over)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_launched_kernel_is_compiled(compiled, arch):
     """The kernels compiled are all the kernels of kernels.py, and all the kernels launch.py
@@ -110,6 +114,7 @@ def test_every_launched_kernel_is_compiled(compiled, arch):
     assert all(r.arch == arch for r in result.resources())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [90, 80])
 def test_coverage_kernel_dtype_layout_plan(compiled, arch):
     """Both plans are compiled for every dtype x layout x direction, each with all the kernels
@@ -131,6 +136,7 @@ def test_coverage_kernel_dtype_layout_plan(compiled, arch):
     assert epilogues == set(triton_aot.EPILOGUES)
 
 
+@pytest.mark.slow
 def test_report_renders(compiled, tmp_path):
     for arch, result in compiled.items():
         md = triton_aot.render_markdown(result, f"python benchmarks/triton_aot.py --arch {arch}")

@@ -83,7 +83,7 @@ inline void for_sample_blocks(int64_t nt, F&& f) {
     case 3: f(std::integral_constant<int, 3>{}, t0); break;
     case 2: f(std::integral_constant<int, 2>{}, t0); break;
     case 1: f(std::integral_constant<int, 1>{}, t0); break;
-    default: break;
+    case 0: break;  // nt - t0 is 0 to 3
   }
 }
 
@@ -156,7 +156,9 @@ void matmul_nn(const A* z, const A* b, const A* init, int64_t nt, int64_t S, int
 }
 
 // The element-wise functions go through at::vec::map, so a value gets the same result
-// whatever its position (vector lane or tail) and whichever pass computes it.
+// whatever its position (vector lane or tail) and whichever pass computes it. Each switch over
+// Act or Gate lists every option and has no default (-Werror=switch: a new option fails to
+// compile until it has a case here); a value that is no option stops at unknown_option.
 
 // exp(-v) for sigmoid and silu: PyTorch's fast exp (20 ulp, about half the cost of the 1-ulp
 // Sleef exp), which clamps its input, so NaN is put back explicitly.
@@ -171,19 +173,20 @@ inline void apply_activation(Act act, const A* u, A* z, int64_t n) {
   switch (act) {
     case Act::ReLU:
       at::vec::map([](V v) { return at::vec::maximum(v, V(A(0))); }, z, u, n);
-      break;
+      return;
     case Act::SiLU:
       at::vec::map([](V v) { return v / (V(A(1)) + exp_neg(v)); }, z, u, n);
-      break;
+      return;
     case Act::GELU:
       at::vec::map([](V v) { return V(A(0.5)) * v * (V(A(1)) + (v * V(A(M_SQRT1_2))).erf()); }, z, u, n);
-      break;
+      return;
     case Act::HardSwish:
       at::vec::map(
           [](V v) { return v * at::vec::minimum(at::vec::maximum(v + V(A(3)), V(A(0))), V(A(6))) / V(A(6)); }, z,
           u, n);
-      break;
+      return;
   }
+  unknown_option("activation", static_cast<int>(act));
 }
 
 template <typename A>
@@ -192,12 +195,13 @@ inline void apply_gate(Gate gate, const A* u, A* g, int64_t n) {
   switch (gate) {
     case Gate::Sigmoid:
       at::vec::map([](V v) { return V(A(1)) / (V(A(1)) + exp_neg(v)); }, g, u, n);
-      break;
+      return;
     case Gate::HardSigmoid:
       at::vec::map([](V v) { return at::vec::minimum(at::vec::maximum(v + V(A(3)), V(A(0))), V(A(6))) / V(A(6)); },
                    g, u, n);
-      break;
+      return;
   }
+  unknown_option("gate", static_cast<int>(gate));
 }
 
 // d act(u) / du, following PyTorch's backward formulas (relu'(0) = 0, hardswish' = u/3 + 1/2
@@ -219,7 +223,7 @@ inline A activation_grad(Act act, A u) {
     case Act::HardSwish:
       return u <= A(-3) ? A(0) : (u < A(3) ? u / A(3) + A(0.5) : A(1));
   }
-  return A(0);
+  unknown_option("activation", static_cast<int>(act));
 }
 
 // d gate(u) / du given g = gate(u) (hardsigmoid' = 1/6 on the open interval (-3, 3)).
@@ -231,7 +235,7 @@ inline A gate_grad(Gate gate, A u, A g) {
     case Gate::HardSigmoid:
       return (u > A(-3) && u < A(3)) ? A(1) / A(6) : A(0);
   }
-  return A(0);
+  unknown_option("gate", static_cast<int>(gate));
 }
 
 // nt samples: P (nt, C) -> U1 (nt, S), Z (nt, S), U2 (nt, C), G (nt, C).

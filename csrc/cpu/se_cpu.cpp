@@ -395,67 +395,111 @@ void mlp_backward_range(const BackwardArgs<T>& a, int64_t n0, int64_t n1) {
                a.Z + n0 * g.S, a.DZ2 + n0 * g.C, a.DZ1 + n0 * g.S, a.DP + n0 * g.C);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
-    const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& gate_logits, const at::Tensor& relu_mask,
-    c10::string_view activation, c10::string_view gate, std::optional<c10::string_view> out_activation,
-    bool need_grad_x, bool need_grad_residual) {
+// se_backward_cpu in its four steps: the checks, the outputs, the kernels that fill them
+// (everything but the weight gradients), then the weight gradients from their per-sample factors.
+
+// The parsed options and the checked arguments of one backward call.
+struct BackwardCall {
+  Act act;
+  Gate gate;
+  bool out_relu;
+  bool need_grad_x;
+  bool need_grad_residual;  // and out_relu: without the relu, grad_residual is grad_y itself
+  Geometry g;
+};
+
+BackwardCall check_backward_call(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
+                                 const at::Tensor& w2, const at::Tensor& pooled, const at::Tensor& hidden,
+                                 const at::Tensor& gate_logits, const at::Tensor& relu_mask,
+                                 c10::string_view activation, c10::string_view gate,
+                                 std::optional<c10::string_view> out_activation, bool need_grad_x,
+                                 bool need_grad_residual) {
   const Act act = parse_activation(activation);
   const Gate gt = parse_gate(gate);
   const bool out_relu = parse_out_activation(out_activation);
   const Geometry g = check_backward_args(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, out_relu);
   TORCH_CHECK(x.device().is_cpu(), "se_kernels: the cpu kernels take CPU tensors; x is on ", x.device());
-  need_grad_residual = need_grad_residual && out_relu;
+  return {act, gt, out_relu, need_grad_x, need_grad_residual && out_relu, g};
+}
 
+// What the kernels write: grad_x and grad_residual ((0,) when not needed), and the per-sample
+// factors of the weight gradients, in the accumulation type: dz2 (N, C) = dL/d gate_logits,
+// dz1 (N, S) = dL/d hidden, z (N, S) = act(hidden).
+struct BackwardOutputs {
+  at::Tensor grad_x, grad_residual;
+  at::Tensor dz2, dz1, z;
+};
+
+BackwardOutputs allocate_backward_outputs(const at::Tensor& x, const BackwardCall& call) {
+  const Geometry& g = call.g;
   const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
-  at::Tensor grad_x = need_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor grad_residual = need_grad_residual ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor dz2 = at::empty({g.N, g.C}, acc_opts);
-  at::Tensor dz1 = at::empty({g.N, g.S}, acc_opts);
-  at::Tensor z = at::empty({g.N, g.S}, acc_opts);
+  BackwardOutputs out;
+  out.grad_x = call.need_grad_x ? at::empty_like(x) : at::empty({0}, x.options());
+  out.grad_residual = call.need_grad_residual ? at::empty_like(x) : at::empty({0}, x.options());
+  out.dz2 = at::empty({g.N, g.C}, acc_opts);
+  out.dz1 = at::empty({g.N, g.S}, acc_opts);
+  out.z = at::empty({g.N, g.S}, acc_opts);
+  return out;
+}
 
-  if (g.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cpu", [&] {
-      using A = acc_t<scalar_t>;
-      const auto weights = prepare_weights<A>(w1, std::nullopt, w2, std::nullopt);
-      at::Tensor dg = at::empty({g.N, g.C}, acc_opts);
-      at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
-      at::Tensor dp = at::empty({g.N, g.C}, acc_opts);
-      BackwardArgs<scalar_t> a{g,
-                               grad_y.const_data_ptr<scalar_t>(),
-                               x.const_data_ptr<scalar_t>(),
-                               out_relu ? relu_mask.const_data_ptr<uint8_t>() : nullptr,
-                               need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-                               need_grad_residual ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-                               weights.view(g, act, gt),
-                               hidden.const_data_ptr<A>(),
-                               gate_logits.const_data_ptr<A>(),
-                               dg.mutable_data_ptr<A>(),
-                               gates.mutable_data_ptr<A>(),
-                               z.mutable_data_ptr<A>(),
-                               dz2.mutable_data_ptr<A>(),
-                               dz1.mutable_data_ptr<A>(),
-                               dp.mutable_data_ptr<A>(),
-                               use_streaming_stores<scalar_t>(need_grad_x ? grad_x : grad_residual, g) &&
-                                   (!need_grad_residual || use_streaming_stores<scalar_t>(grad_residual, g))};
-      run_plan(
-          g, make_plan(g, 2 * sizeof(scalar_t), sizeof(A)), a.DG, /*mean=*/false, a.stream,
-          /*write_pass=*/a.dx || a.dres, [&](int64_t b, int64_t e) { gate_grad_nchw_rows(a, b, e); },
-          [&](int64_t n, int64_t k, A* part) { gate_grad_pixel_chunk(a, n, k, part); },
-          [&](int64_t n0, int64_t n1) { mlp_backward_range(a, n0, n1); },
-          [&](int64_t n, int64_t r0, int64_t r1) { grad_rows(a, n, r0, r1); });
-    });
-  }
-  // dW2^T (S, C) = z^T dz2, dW1 (S, C) = dz1^T pooled, db2 = column sums of dz2, db1 = column
-  // sums of dz1: each element sums the batch in order (see outer_sum_columns).
+// The gate gradient's sums over the pixels, the MLP backward and grad_x / grad_residual, on the
+// plan of run_plan, for x's dtype; fills `out` (N >= 1).
+void run_backward_kernels(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                          const at::Tensor& hidden, const at::Tensor& gate_logits, const at::Tensor& relu_mask,
+                          const BackwardCall& call, BackwardOutputs& out) {
+  const Geometry& g = call.g;
+  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const auto weights = prepare_weights<A>(w1, std::nullopt, w2, std::nullopt);
+    at::Tensor dg = at::empty({g.N, g.C}, acc_opts);
+    at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
+    at::Tensor dp = at::empty({g.N, g.C}, acc_opts);
+    BackwardArgs<scalar_t> a{
+        g,
+        grad_y.const_data_ptr<scalar_t>(),
+        x.const_data_ptr<scalar_t>(),
+        call.out_relu ? relu_mask.const_data_ptr<uint8_t>() : nullptr,
+        call.need_grad_x ? out.grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+        call.need_grad_residual ? out.grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+        weights.view(g, call.act, call.gate),
+        hidden.const_data_ptr<A>(),
+        gate_logits.const_data_ptr<A>(),
+        dg.mutable_data_ptr<A>(),
+        gates.mutable_data_ptr<A>(),
+        out.z.mutable_data_ptr<A>(),
+        out.dz2.mutable_data_ptr<A>(),
+        out.dz1.mutable_data_ptr<A>(),
+        dp.mutable_data_ptr<A>(),
+        use_streaming_stores<scalar_t>(call.need_grad_x ? out.grad_x : out.grad_residual, g) &&
+            (!call.need_grad_residual || use_streaming_stores<scalar_t>(out.grad_residual, g))};
+    run_plan(
+        g, make_plan(g, 2 * sizeof(scalar_t), sizeof(A)), a.DG, /*mean=*/false, a.stream,
+        /*write_pass=*/a.dx || a.dres, [&](int64_t b, int64_t e) { gate_grad_nchw_rows(a, b, e); },
+        [&](int64_t n, int64_t k, A* part) { gate_grad_pixel_chunk(a, n, k, part); },
+        [&](int64_t n0, int64_t n1) { mlp_backward_range(a, n0, n1); },
+        [&](int64_t n, int64_t r0, int64_t r1) { grad_rows(a, n, r0, r1); });
+  });
+}
+
+struct WeightGrads {
+  at::Tensor w1, b1, w2, b2;
+};
+
+// dW2^T (S, C) = z^T dz2, dW1 (S, C) = dz1^T pooled, db2 = column sums of dz2, db1 = column sums
+// of dz1, in the accumulation type, then cast to the weights' dtypes: each element sums the batch
+// in order (see outer_sum_columns), whatever the thread count. Zeros for an empty batch.
+WeightGrads weight_gradients(const Geometry& g, const BackwardOutputs& out, const at::Tensor& pooled,
+                             at::ScalarType w1_dtype, at::ScalarType w2_dtype) {
+  const auto acc_opts = out.dz2.options();
   at::Tensor grad_w2t = at::empty({g.S, g.C}, acc_opts);
   at::Tensor grad_w1 = at::empty({g.S, g.C}, acc_opts);
   at::Tensor grad_b2 = at::empty({g.C}, acc_opts);
   at::Tensor grad_b1 = at::empty({g.S}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES(grad_w1.scalar_type(), "se_weight_grads_cpu", [&] {
     using A = scalar_t;
-    const A *zp = z.const_data_ptr<A>(), *dz2p = dz2.const_data_ptr<A>();
-    const A *dz1p = dz1.const_data_ptr<A>(), *pp = pooled.const_data_ptr<A>();
+    const A *zp = out.z.const_data_ptr<A>(), *dz2p = out.dz2.const_data_ptr<A>();
+    const A *dz1p = out.dz1.const_data_ptr<A>(), *pp = pooled.const_data_ptr<A>();
     A *gw2t = grad_w2t.mutable_data_ptr<A>(), *gw1 = grad_w1.mutable_data_ptr<A>();
     A *gb2 = grad_b2.mutable_data_ptr<A>(), *gb1 = grad_b1.mutable_data_ptr<A>();
     at::parallel_for(0, (g.C + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.N * g.S)),
@@ -470,11 +514,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       gb1[s] = acc;
     }
   });
-  grad_w1 = grad_w1.to(w1.scalar_type());
-  at::Tensor grad_w2 = grad_w2t.t().contiguous().to(w2.scalar_type());
-  grad_b2 = grad_b2.to(w2.scalar_type());
-  grad_b1 = grad_b1.to(w1.scalar_type());
-  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual};
+  return {grad_w1.to(w1_dtype), grad_b1.to(w1_dtype), grad_w2t.t().contiguous().to(w2_dtype),
+          grad_b2.to(w2_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& pooled, const at::Tensor& hidden, const at::Tensor& gate_logits, const at::Tensor& relu_mask,
+    c10::string_view activation, c10::string_view gate, std::optional<c10::string_view> out_activation,
+    bool need_grad_x, bool need_grad_residual) {
+  const BackwardCall call = check_backward_call(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activation,
+                                                gate, out_activation, need_grad_x, need_grad_residual);
+  BackwardOutputs out = allocate_backward_outputs(x, call);
+  if (call.g.N > 0) run_backward_kernels(grad_y, x, w1, w2, hidden, gate_logits, relu_mask, call, out);
+  const WeightGrads dw = weight_gradients(call.g, out, pooled, w1.scalar_type(), w2.scalar_type());
+  return {out.grad_x, dw.w1, dw.b1, dw.w2, dw.b2, out.grad_residual};
 }
 
 }  // namespace

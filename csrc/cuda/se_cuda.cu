@@ -29,6 +29,20 @@
 #include "../se_common.h"
 #include "se_tiles.h"
 
+// The option switches of se_tiles.h compiled for the host as well, so that the host compiler's
+// -Werror=switch (setup.py) rejects one that misses an Act or Gate: nvcc's device front end does
+// not warn about a missing enumerator, and the kernels alone instantiate them for the device only.
+namespace se_kernels::tiles {
+template float activation<float>(float, Act);
+template double activation<double>(double, Act);
+template float activation_grad<float>(float, Act);
+template double activation_grad<double>(double, Act);
+template float gate_fn<float>(float, Gate);
+template double gate_fn<double>(double, Gate);
+template float gate_grad<float>(float, float, Gate);
+template double gate_grad<double>(double, double, Gate);
+}  // namespace se_kernels::tiles
+
 namespace se_kernels::cuda {
 namespace {
 
@@ -249,7 +263,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) logits_kernel(const A* __restrict__ hidden, const T* __restrict__ w2,
                                                           const T* __restrict__ b2, A* __restrict__ logits,
                                                           A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
-                                                          int act, int gate) {
+                                                          Act act, Gate gate) {
   const MlpBlock b = mlp_block(N);
   auto z = [&](int64_t s) { return b.n < N && s < S ? activation(hidden[b.n * S + s], act) : A(0); };
   auto w = [&](int64_t c, int64_t s) { return c < C && s < S ? static_cast<A>(w2[c * S + s]) : A(0); };
@@ -354,7 +368,7 @@ __global__ void __launch_bounds__(kThreads) dz1_kernel(const A* __restrict__ par
                                                        const A* __restrict__ hidden, const A* __restrict__ logits,
                                                        A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
                                                        A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
-                                                       int splits, int act, int gate) {
+                                                       int splits, Act act, Gate gate) {
   const MlpBlock b = mlp_block(N);
   auto grad_logit = [&](int64_t c) {
     if (b.n >= N || c >= C) return A(0);
@@ -520,14 +534,6 @@ unsigned int grid_1d(int64_t blocks) {
   return static_cast<unsigned int>(blocks);
 }
 
-int activation_code(Act a) {
-  return static_cast<int>(a);
-}
-
-int gate_code(Gate g) {
-  return static_cast<int>(g);
-}
-
 struct Splits {
   int splits;
   int64_t per_split;
@@ -668,7 +674,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
     logits_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
         hidden.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(),
         b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr, logits.mutable_data_ptr<A>(),
-        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, activation_code(act), gate_code(gt));
+        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, act, gt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
@@ -729,7 +735,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dz1_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
         partial.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), hidden.const_data_ptr<A>(),
         logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(),
-        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, sp.splits, activation_code(act), gate_code(gt));
+        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, sp.splits, act, gt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dp_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
         dz1.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L);

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "../se_options.h"
+
 #if defined(__CUDACC__)
 #define SE_HD __host__ __device__ __forceinline__
 #else
@@ -139,48 +141,62 @@ SE_HD float se_exp(float v) { return expf(v); }
 SE_HD double se_exp(double v) { return exp(v); }
 SE_HD float se_erf(float v) { return erff(v); }
 SE_HD double se_erf(double v) { return erf(v); }
+SE_HD float se_nan(float) { return __builtin_nanf(""); }
+SE_HD double se_nan(double) { return __builtin_nan(""); }
 
 template <typename A>
 SE_HD A clamp06(A v) {
   return v < A(0) ? A(0) : (v > A(6) ? A(6) : v);
 }
 
-// act: 0 relu, 1 silu, 2 gelu (erf), 3 hardswish.
+// The options (csrc/se_options.h). Each switch lists every Act or Gate with no default: nvcc's
+// device front end does not warn about a missing enumerator, but these are __host__ __device__, and
+// the host compiler does (-Werror=switch in setup.py; se_cuda.cu instantiates them for the host;
+// tests/cpp/tiles_host.cpp compiles them with -Wall -Werror). A value that is no option gives NaN.
 template <typename A>
-SE_HD A activation(A u, int act) {
+SE_HD A activation(A u, Act act) {
   switch (act) {
-    case 0: return u < A(0) ? A(0) : u;
-    case 1: return u / (A(1) + se_exp(-u));
-    case 2: return A(0.5) * u * (A(1) + se_erf(u * A(0.7071067811865476)));
-    default: return u * clamp06(u + A(3)) / A(6);
+    case Act::ReLU: return u < A(0) ? A(0) : u;
+    case Act::SiLU: return u / (A(1) + se_exp(-u));
+    case Act::GELU: return A(0.5) * u * (A(1) + se_erf(u * A(0.7071067811865476)));
+    case Act::HardSwish: return u * clamp06(u + A(3)) / A(6);
   }
+  return se_nan(u);
 }
 
 template <typename A>
-SE_HD A activation_grad(A u, int act) {
+SE_HD A activation_grad(A u, Act act) {
   switch (act) {
-    case 0: return u > A(0) ? A(1) : A(0);
-    case 1: {
+    case Act::ReLU: return u > A(0) ? A(1) : A(0);
+    case Act::SiLU: {
       const A s = A(1) / (A(1) + se_exp(-u));
       return s * (A(1) + u * (A(1) - s));
     }
-    case 2: {
+    case Act::GELU: {
       const A cdf = A(0.5) * (A(1) + se_erf(u * A(0.7071067811865476)));
       return cdf + u * se_exp(A(-0.5) * u * u) * A(0.3989422804014327);
     }
-    default: return u <= A(-3) ? A(0) : (u < A(3) ? u / A(3) + A(0.5) : A(1));
+    case Act::HardSwish: return u <= A(-3) ? A(0) : (u < A(3) ? u / A(3) + A(0.5) : A(1));
   }
-}
-
-// gate: 0 sigmoid, 1 hardsigmoid.
-template <typename A>
-SE_HD A gate_fn(A u, int gate) {
-  return gate == 0 ? A(1) / (A(1) + se_exp(-u)) : clamp06(u + A(3)) / A(6);
+  return se_nan(u);
 }
 
 template <typename A>
-SE_HD A gate_grad(A u, A g, int gate) {
-  return gate == 0 ? g * (A(1) - g) : ((u > A(-3) && u < A(3)) ? A(1) / A(6) : A(0));
+SE_HD A gate_fn(A u, Gate gate) {
+  switch (gate) {
+    case Gate::Sigmoid: return A(1) / (A(1) + se_exp(-u));
+    case Gate::HardSigmoid: return clamp06(u + A(3)) / A(6);
+  }
+  return se_nan(u);
+}
+
+template <typename A>
+SE_HD A gate_grad(A u, A g, Gate gate) {
+  switch (gate) {
+    case Gate::Sigmoid: return g * (A(1) - g);
+    case Gate::HardSigmoid: return (u > A(-3) && u < A(3)) ? A(1) / A(6) : A(0);
+  }
+  return se_nan(u);
 }
 
 // The scale epilogue of one element: out_act(x * g + residual), and whether the relu let it

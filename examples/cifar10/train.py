@@ -27,7 +27,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -274,7 +273,8 @@ def plot_curves(log_path: str, png_path: str) -> None:
     for key, label in (("train_acc", "train"), ("test_acc", "test")):
         acc_ax.plot(epochs, [100 * float(r[key]) for r in rows], label=label)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (best test {100 * max(float(r['test_acc']) for r in rows):.2f}%)")
+    best = 100 * max(float(r["test_acc"]) for r in rows)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (best test {best:.2f}%)")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()

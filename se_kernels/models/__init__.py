@@ -1,7 +1,14 @@
 """SE-ResNet models for the CIFAR-10 example and the model benchmarks (random weights)."""
 
 from .resnet import (
-    SEResNet, se_resnet18, se_resnet20, se_resnet32, se_resnet34, se_resnet50, se_resnet56, se_resnet110,
+    SEResNet,
+    se_resnet18,
+    se_resnet20,
+    se_resnet32,
+    se_resnet34,
+    se_resnet50,
+    se_resnet56,
+    se_resnet110,
 )
 
 MODELS = {

@@ -23,7 +23,23 @@ byte): the same layout as the CPU kernels (csrc/se.cpp).
 import triton
 import triton.language as tl
 
+from ..reference import ACTIVATIONS, GATES
+
 # ---- element-wise functions (NaN-propagating like PyTorch's) ------------------------------
+
+# The ACT and GATE constexprs: an option's code is its index in se_kernels/reference.py's
+# ACTIVATIONS / GATES (the order of csrc/se_options.h's Act and Gate, whose values the CUDA
+# kernels take; tests/test_options.py checks that they agree). The functions below branch on the
+# codes by name, and a code none of their branches takes fails at compile time (static_assert),
+# so an option added to the reference without Triton code cannot run as another one.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+GATE_CODES = {name: code for code, name in enumerate(GATES)}
+RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+SILU = tl.constexpr(ACTIVATION_CODES["silu"])
+GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
+HARDSWISH = tl.constexpr(ACTIVATION_CODES["hardswish"])
+SIGMOID = tl.constexpr(GATE_CODES["sigmoid"])
+HARDSIGMOID = tl.constexpr(GATE_CODES["hardsigmoid"])
 
 
 @triton.jit
@@ -33,49 +49,57 @@ def _clamp(v, lo, hi):
 
 @triton.jit
 def _activation(u, ACT: tl.constexpr):
-    """ACT: 0 relu, 1 silu, 2 gelu (erf), 3 hardswish."""
-    if ACT == 0:
+    """act(u) for the activation with code ACT (ACTIVATION_CODES)."""
+    if ACT == RELU:
         return tl.where(u < 0, 0.0, u)
-    elif ACT == 1:
+    elif ACT == SILU:
         return u / (1.0 + tl.exp(-u))
-    elif ACT == 2:
+    elif ACT == GELU:  # exact (erf) form
         return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    else:
+    elif ACT == HARDSWISH:
         return u * _clamp(u + 3.0, 0.0, 6.0) / 6.0
+    else:
+        tl.static_assert(False, "se_kernels: ACT is no activation code (ACTIVATION_CODES)")
 
 
 @triton.jit
 def _activation_grad(u, ACT: tl.constexpr):
     """d act / du, as PyTorch's backward formulas (relu'(0) = 0, hardswish' = u/3 + 1/2 on [-3, 3])."""
-    if ACT == 0:
+    if ACT == RELU:
         return tl.where(u > 0, 1.0, 0.0)
-    elif ACT == 1:
+    elif ACT == SILU:
         s = 1.0 / (1.0 + tl.exp(-u))
         return s * (1.0 + u * (1.0 - s))
-    elif ACT == 2:
+    elif ACT == GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
         return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
-    else:
+    elif ACT == HARDSWISH:
         return tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, 1.0))
+    else:
+        tl.static_assert(False, "se_kernels: ACT is no activation code (ACTIVATION_CODES)")
 
 
 @triton.jit
 def _gate(u, GATE: tl.constexpr):
-    """GATE: 0 sigmoid, 1 hardsigmoid."""
-    if GATE == 0:
+    """gate(u) for the gate with code GATE (GATE_CODES)."""
+    if GATE == SIGMOID:
         return 1.0 / (1.0 + tl.exp(-u))
-    else:
+    elif GATE == HARDSIGMOID:
         return _clamp(u + 3.0, 0.0, 6.0) / 6.0
+    else:
+        tl.static_assert(False, "se_kernels: GATE is no gate code (GATE_CODES)")
 
 
 @triton.jit
 def _gate_grad(u, g, GATE: tl.constexpr):
     """d gate / du given g = gate(u) (hardsigmoid' = 1/6 on the open interval (-3, 3))."""
-    if GATE == 0:
+    if GATE == SIGMOID:
         return g * (1.0 - g)
-    else:
+    elif GATE == HARDSIGMOID:
         # divide in u's dtype: the literal 1.0 / 6.0 would be a float32 constant, 3e-8 off in float64
         return tl.where((u > -3.0) & (u < 3.0), 1.0, 0.0).to(u.dtype) / 6.0
+    else:
+        tl.static_assert(False, "se_kernels: GATE is no gate code (GATE_CODES)")
 
 
 # ---- the relu mask -------------------------------------------------------------------------

@@ -15,9 +15,7 @@ import triton.language as tl
 
 from .. import ops
 from . import kernels
-
-ACTIVATION_CODES = {"relu": 0, "silu": 1, "gelu": 2, "hardswish": 3}
-GATE_CODES = {"sigmoid": 0, "hardsigmoid": 1}
+from .kernels import ACTIVATION_CODES, GATE_CODES  # the ACT and GATE constexprs of the kernels
 
 # Largest (C, H*W) slice (padded to powers of two) one program holds in registers: the fused
 # plans read x (forward) or dy and x (backward) once. Larger slices take the split plan.

@@ -21,7 +21,6 @@ from .. import ops
 from ..differentiable import se_backward_differentiable
 from . import launch
 
-
 TRACEABLE = hasattr(torch.library, "triton_op") and os.environ.get("TRITON_INTERPRET") != "1"
 launch.WRAP_TRITON = TRACEABLE
 

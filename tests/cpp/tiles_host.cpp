@@ -131,7 +131,8 @@ int se_walk(int64_t N, int64_t C, int64_t L, int pixel_rows, int width, int vect
 
 // The per-element math of the kernels, elementwise over n values in double or float (dtype 64 or
 // 32; the inputs are converted to it and the result back). which: 0 activation(u, code),
-// 1 activation_grad(u, code), 2 gate_fn(u, code), 3 gate_grad(u, gate_fn(u), code),
+// 1 activation_grad(u, code), 2 gate_fn(u, code), 3 gate_grad(u, gate_fn(u), code) (code: the
+// Act or Gate value; one that is no option gives NaN),
 // 4 scale_element(u, v, w, has_res = code & 1, out_relu = code & 2) (out), 5 its mask bit,
 // 6 grad_input_element(u, v, w).
 void se_math(int which, int code, int dtype, int64_t n, const double* u, const double* v, const double* w,
@@ -140,12 +141,14 @@ void se_math(int which, int code, int dtype, int64_t n, const double* u, const d
     auto run = [&](auto zero) -> double {
       using A = decltype(zero);
       const A a = static_cast<A>(u[i]), b = v ? static_cast<A>(v[i]) : A(0), c = w ? static_cast<A>(w[i]) : A(0);
+      const auto act = static_cast<se_kernels::Act>(code);
+      const auto gate = static_cast<se_kernels::Gate>(code);
       bool through = false;
       switch (which) {
-        case 0: return activation(a, code);
-        case 1: return activation_grad(a, code);
-        case 2: return gate_fn(a, code);
-        case 3: return gate_grad(a, gate_fn(a, code), code);
+        case 0: return activation(a, act);
+        case 1: return activation_grad(a, act);
+        case 2: return gate_fn(a, gate);
+        case 3: return gate_grad(a, gate_fn(a, gate), gate);
         case 4: return scale_element(a, b, c, (code & 1) != 0, (code & 2) != 0, &through);
         case 5: scale_element(a, b, c, (code & 1) != 0, (code & 2) != 0, &through); return through ? 1.0 : 0.0;
         default: return grad_input_element(a, b, c);
