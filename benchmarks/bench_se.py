@@ -42,7 +42,8 @@ from shapes import SHAPE_SETS, ShapeSet, custom_set, shape_set
 from torch import nn
 from tqdm import tqdm
 
-from se_kernels import FusedSE, available_backends
+from se_kernels import FusedSE, available_backends, fused_channel_attention
+from se_kernels.attention import CA_BACKENDS
 from se_kernels.reference import ReferenceSE
 
 MODES = ("forward", "backward", "full")
@@ -50,12 +51,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 EPILOGUES = ("none", "residual_relu")
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
-PARAMETERS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 BASELINES = ("eager", "compile")  # the peers every provider is compared with
 COMPILE_BACKEND = "inductor"  # the smoke test uses aot_eager
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RTOL, ATOL = 1e-4, 1e-5  # float32 guard; the bias gradients (sums that nearly cancel) tensor-wise
-TENSORWISE = ("d_fc1.bias", "d_fc2.bias")
 LOW_PRECISION_ATOL = {"bfloat16": 8e-3, "float16": 1e-3}  # as tests/test_kernels.py
 TARGET_S = 0.5  # measured time per provider per (case, mode)
 MIN_ROUNDS, MAX_ROUNDS, WARMUP_ROUNDS = 10, 200, 3
@@ -93,19 +92,74 @@ def default_providers(device: torch.device) -> List[str]:
     return [p for p in provider_names(device) if not (p == "triton" and device.type == "cpu")]
 
 
+class Excite(nn.Module):
+    """The excitation of an ECA site (Conv1d of kernel s over the pooled channels) or an ESE site
+    (a 1x1 convolution C -> C), then the site's gate: what timm's modules compute from the pool."""
+
+    def __init__(self, site):
+        super().__init__()
+        self.gate = nn.Sigmoid() if site.gate == "sigmoid" else nn.Hardsigmoid()
+        if site.kind == "eca":
+            self.conv = nn.Conv1d(1, 1, site.s, padding=site.s // 2, bias=False)
+        else:
+            self.fc = nn.Conv2d(site.c, site.c, 1)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "conv"):
+            return self.gate(self.conv(p.view(p.shape[0], 1, -1))).view(p.shape[0], -1)
+        return self.gate(self.fc(p[:, :, None, None])).flatten(1)
+
+
+class AttentionReference(nn.Module):
+    """Eager ECA / ESE (timm's forward), with the residual + relu epilogue when asked."""
+
+    def __init__(self, site, out_activation: Optional[str]):
+        super().__init__()
+        self.excite, self.out_relu = Excite(site), out_activation == "relu"
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = x * self.excite(x.mean((2, 3)))[:, :, None, None]
+        y = y + residual if residual is not None else y
+        return torch.relu(y) if self.out_relu else y
+
+
+class AttentionFused(AttentionReference):
+    """The same through se_kernels.fused_channel_attention."""
+
+    def __init__(self, site, out_activation: Optional[str], backend: str):
+        super().__init__(site, out_activation)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fused_channel_attention(x, self.excite, residual=residual, backend=self.backend,
+                                       out_activation="relu" if self.out_relu else None)
+
+
+def site_module(case: Case, provider: str) -> nn.Module:
+    """The eager module (baselines) or the se_kernels one (a backend name) of a case's site."""
+    out_activation = "relu" if case.variant.residual else None
+    site = case.site
+    if site.kind != "se":
+        return AttentionReference(site, out_activation) if provider in BASELINES else \
+            AttentionFused(site, out_activation, provider)
+    options = dict(activation=site.activation, gate=site.gate, out_activation=out_activation)
+    return ReferenceSE(site.c, site.s, **options) if provider in BASELINES else \
+        FusedSE(site.c, site.s, **options, backend=provider)
+
+
 def build_modules(case: Case, device: torch.device, providers: Sequence[str],
                   compile_mode: str = "default") -> Dict[str, nn.Module]:
     """The modules of `providers` (eager first) for one case, with shared weights. Resets
-    dynamo, so the case's graphs stay within the recompile limit; inductor's disk cache stays."""
-    options = dict(activation=case.site.activation, gate=case.site.gate,
-                   out_activation="relu" if case.variant.residual else None)
+    dynamo, so the case's graphs stay within the recompile limit; inductor's disk cache stays.
+    ECA / ESE sites take the backends of the generic path only."""
     torch.manual_seed(0)
-    state = ReferenceSE(case.site.c, case.site.s, **options).state_dict()
+    state = site_module(case, "eager").state_dict()
     torch._dynamo.reset()
     modules = {}
     for name in ["eager"] + [p for p in providers if p != "eager"]:
-        module = (ReferenceSE(case.site.c, case.site.s, **options) if name in BASELINES
-                  else FusedSE(case.site.c, case.site.s, **options, backend=name))
+        if case.site.kind != "se" and name not in BASELINES and name not in CA_BACKENDS:
+            continue
+        module = site_module(case, name)
         module.load_state_dict(state)
         modules[name] = module.to(device=device, dtype=DTYPES[case.variant.dtype])
         if name == "compile":
@@ -134,7 +188,7 @@ def floor_bytes(case: Case, mode: str) -> int:
 
 def leaves_of(module: nn.Module, inputs: Inputs) -> Dict[str, torch.Tensor]:
     """What gradients are taken for: the weights, x and the residual."""
-    leaves = {name: module.get_parameter(name) for name in PARAMETERS}
+    leaves = {name.removeprefix("_orig_mod."): p for name, p in module.named_parameters()}
     return {**leaves, "x": inputs.x, **({"residual": inputs.residual} if inputs.residual is not None else {})}
 
 
@@ -173,12 +227,13 @@ def mismatch(name: str, got: Optional[torch.Tensor], eager: torch.Tensor, ref: O
         return (f"is {None if got is None else (tuple(got.shape), got.dtype)}, "
                 f"eager gives {(tuple(eager.shape), eager.dtype)}")
     if dtype == "float32":
-        excess = (got - eager).abs() / (ATOL + RTOL * (eager.abs().max() if name in TENSORWISE else eager.abs()))
+        tensorwise = name.endswith(".bias")  # sums over the batch that nearly cancel
+        excess = (got - eager).abs() / (ATOL + RTOL * (eager.abs().max() if tensorwise else eager.abs()))
         if excess.max() <= 1:  # False for NaN too
             return None
         i = int(excess.nan_to_num(math.inf).argmax())
         return (f"differs from eager beyond rtol={RTOL}, atol={ATOL}"
-                f"{' (tensor-wise)' if name in TENSORWISE else ''} at flat index {i}: "
+                f"{' (tensor-wise)' if tensorwise else ''} at flat index {i}: "
                 f"got {got.flatten()[i].item():.7g}, eager {eager.flatten()[i].item():.7g}")
     scale = max(ref.abs().max().item(), 1e-30)
     ours, theirs = ((t.double() - ref).abs().max().item() / scale for t in (got, eager))

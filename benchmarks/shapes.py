@@ -30,6 +30,7 @@ class Site:
     activation: str = "relu"
     gate: str = "sigmoid"
     count: int = 1  # occurrences in the model the site comes from
+    kind: str = "se"  # "se"; "eca" (Conv1d of kernel s over the pooled channels, sigmoid); "ese" (C -> C, hardsigmoid)
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -37,7 +38,8 @@ class Site:
 
     @property
     def label(self) -> str:
-        return f"{self.n}x{self.c}x{self.h}x{self.w}/{self.s}"
+        suffix = {"se": f"{self.s}", "eca": f"eca{self.s}", "ese": "ese"}[self.kind]
+        return f"{self.n}x{self.c}x{self.h}x{self.w}/{suffix}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,36 @@ def torchvision_set(name: str, model_name: str) -> ShapeSet:
                           for (c, h, w, s, act, gate), count in counts.items()), model=model_name)
 
 
+def timm_attention_set(name: str, model_name: str) -> ShapeSet:
+    """The ECA / ESE sites of timm's <model_name> at MODEL_BATCH (forward hooks, random weights).
+    EffectiveSEModule (hard sigmoid) and hgnet's EseModule (sigmoid) are both "ese" sites."""
+    import timm
+    from timm.layers.eca import EcaModule
+    from timm.layers.squeeze_excite import EffectiveSEModule
+    from timm.models.hgnet import EseModule
+
+    model, counts = timm.create_model(model_name).eval(), Counter()
+
+    def record(module: nn.Module, args: Tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        if isinstance(module, EcaModule):
+            key = ("eca", module.conv.kernel_size[0], "sigmoid")
+        else:
+            gate = "sigmoid" if isinstance(module, EseModule) else "hardsigmoid"
+            key = ("ese", args[0].shape[1], gate)
+        counts[(*args[0].shape[1:], *key)] += 1
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, (EcaModule, EffectiveSEModule, EseModule))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, MODEL_RESOLUTION, MODEL_RESOLUTION))
+    for hook in hooks:
+        hook.remove()
+    return ShapeSet(name, f"channel-attention sites of timm {model_name} at batch {MODEL_BATCH}, "
+                          f"{MODEL_RESOLUTION}x{MODEL_RESOLUTION} input (forward hooks)",
+                    tuple(Site(MODEL_BATCH, c, h, w, s, "relu", gate, count, kind)
+                          for (c, h, w, kind, s, gate), count in counts.items()), model=model_name)
+
+
 CIFAR_STAGES = [(64, 32), (128, 16), (256, 8), (512, 4)]
 # name -> builder (lazy: the derived sets build a torchvision model)
 SHAPE_SETS: Dict[str, Callable[[], ShapeSet]] = {
@@ -99,6 +131,9 @@ SHAPE_SETS: Dict[str, Callable[[], ShapeSet]] = {
         se_resnet_sites(MODEL_BATCH, [(256, 56), (512, 28), (1024, 14), (2048, 7)])),
     "efficientnet-b0": lambda: torchvision_set("efficientnet-b0", "efficientnet_b0"),
     "mobilenet-v3-large": lambda: torchvision_set("mobilenet-v3-large", "mobilenet_v3_large"),
+    "ecaresnet50d": lambda: timm_attention_set("ecaresnet50d", "ecaresnet50d"),
+    "ese-vovnet39b": lambda: timm_attention_set("ese-vovnet39b", "ese_vovnet39b"),
+    "hgnet-tiny": lambda: timm_attention_set("hgnet-tiny", "hgnet_tiny"),
     "sweep": lambda: ShapeSet(
         "sweep", f"N={MODEL_BATCH}, C in 64/256/1024 x H=W in 1/7/14/28/56, float32 x <= 200 MB",
         se_resnet_sites(MODEL_BATCH, [(c, hw) for c in (64, 256, 1024) for hw in (1, 7, 14, 28, 56)

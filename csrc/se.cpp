@@ -41,4 +41,12 @@ TORCH_LIBRARY(se_kernels, m) {
       "bool need_grad_x, bool need_grad_residual) "
       "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2, "
       "Tensor grad_residual)");
+  // The generic channel-attention path's stage kernels (csrc/cpu/channel_attention.cpp).
+  m.def("ca_pool(Tensor x, bool with_max) -> (Tensor mean, Tensor max, Tensor ties)");
+  m.def("ca_scale(Tensor x, Tensor g, Tensor? residual, bool out_relu) -> (Tensor y, Tensor relu_mask)");
+  m.def("ca_gate_grad(Tensor grad_y, Tensor x, Tensor relu_mask, bool out_relu) -> Tensor");
+  m.def(
+      "ca_input_grad(Tensor grad_y, Tensor relu_mask, Tensor g, Tensor dmean, Tensor? x, Tensor? max, "
+      "Tensor? dmax, Tensor? ties, bool out_relu, bool need_grad_x, bool need_grad_residual) "
+      "-> (Tensor grad_x, Tensor grad_residual)");
 }

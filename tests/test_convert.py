@@ -194,13 +194,27 @@ def test_efficientnet_v2_counts_and_matches():
 
 
 def test_unsupported_flavours_are_left_with_a_reason(caplog):
+    """rexnet's SE modules (a BatchNorm between fc1 and the activation) are no FusedSE flavour:
+    they convert through the generic path (FusedChannelAttention); a module neither path computes
+    (GatherExcite with a spatial extent) is left alone with a warning naming it and the reason."""
+    from se_kernels.channel_attention import FusedChannelAttention
+
     model = timm.create_model("rexnet_100", pretrained=False)
     with caplog.at_level(logging.INFO, logger="se_kernels.convert"):
         convert_se_modules(model)
     assert count_fused(model) == 0
+    assert sum(isinstance(m, FusedChannelAttention) for m in model.modules()) == 13
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("converted 13 SE module(s) (13 timm SEModule (BatchNorm2d) [generic]); left 0 unconverted"
+               in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    spatial = nn.Sequential(*[timm.layers.GatherExcite(16, use_mlp=False, extent=2) for _ in range(5)])
+    with caplog.at_level(logging.INFO, logger="se_kernels.convert"):
+        convert_se_modules(spatial)
+    assert not any(isinstance(m, FusedChannelAttention) for m in spatial.modules())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "norm layer (BatchNorm2d)" in warnings[0] and "and 10 more" in warnings[0]
-    assert any("converted 0 SE module(s); left 13 unconverted" in r.getMessage() for r in caplog.records)
+    assert len(warnings) == 1 and "spatial extent" in warnings[0] and "and 2 more" in warnings[0]
+    assert any("converted 0 SE module(s); left 5 unconverted" in r.getMessage() for r in caplog.records)
     maxpool = timm.layers.squeeze_excite.SEModule(32, add_maxpool=True)
     with pytest.raises(UnsupportedSE, match="add_maxpool"):
         FusedSE.from_module(maxpool)
