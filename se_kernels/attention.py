@@ -25,10 +25,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import ops
+from . import ops, reference
 
 SQUEEZES = ("avg", "avg_max")
-OUT_ACTIVATIONS = (None, "relu")
 CA_BACKENDS = ("cpu", "torch")  # the generic path's stage kernels; GPUs run the "torch" composition for now
 
 
@@ -39,7 +38,7 @@ CA_BACKENDS = ("cpu", "torch")  # the generic path's stage kernels; GPUs run the
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return ops.accumulation_dtype(x.dtype)
 
 
 def _register_fakes() -> None:
@@ -51,10 +50,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], x.shape[1]), dtype=dtype or _acc(x))
 
     def mask(x, out_relu):
-        rows, row_len = (x.shape[2] * x.shape[3], x.shape[1]) if ops.uses_pixel_rows(x) else (x.shape[1],
-                                                                                              x.shape[2] * x.shape[3])
-        shape = (x.shape[0], rows, (row_len + 7) // 8) if out_relu else (0,)
-        return x.new_empty(shape, dtype=torch.uint8)
+        return x.new_empty(ops.relu_mask_shape(x) if out_relu else (0,), dtype=torch.uint8)
 
     @torch.library.register_fake("se_kernels::ca_pool")
     def _(x, with_max):
@@ -231,8 +227,7 @@ def _check_arguments(x, excite, squeeze, residual, out_activation, backend) -> N
                         f"got {type(excite).__name__}")
     if squeeze not in SQUEEZES:
         raise ValueError(f"squeeze must be one of {SQUEEZES}; got {squeeze!r}")
-    if out_activation not in OUT_ACTIVATIONS:
-        raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}; got {out_activation!r}")
+    reference.check_option("out_activation", out_activation)
     if backend != "auto" and backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + ops.BACKENDS}; got {backend!r}")
     if x.dtype not in FLOAT_DTYPES:

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import OUT_ACTIVATIONS, fused_channel_attention
+from . import reference
+from .attention import CA_BACKENDS, fused_channel_attention
 from .flavours import PAD_CIRCULAR, AttentionFlavour, UnsupportedSE, describe_attention
 
-CA_MODULE_BACKENDS = ("auto", "cpu", "torch")
+CA_MODULE_BACKENDS = ("auto",) + CA_BACKENDS
 _OWN_NAMES = frozenset({"kind", "squeeze", "pooled", "steps", "padding", "channels", "probe_channels",
                         "out_activation", "backend", "_excitation"})
 
@@ -59,8 +60,7 @@ class FusedChannelAttention(nn.Module):
     def __init__(self, flavour: AttentionFlavour, *, out_activation: Optional[str] = None,
                  backend: str = "auto") -> None:
         super().__init__()
-        if out_activation not in OUT_ACTIVATIONS:
-            raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}; got {out_activation!r}")
+        reference.check_option("out_activation", out_activation)
         if backend not in CA_MODULE_BACKENDS:
             raise ValueError(f"backend must be one of {CA_MODULE_BACKENDS} (the generic path has no 'triton' or "
                              f"'cuda' stage kernels yet; 'auto' runs the composition on GPUs); got {backend!r}")

@@ -67,6 +67,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def relu_mask_shape(x: torch.Tensor) -> tuple:
+    """The relu epilogue's bit mask for x: one row of ceil(row_len / 8) bytes per kernel row."""
+    n, c, h, w = x.shape
+    rows, row_len = (h * w, c) if uses_pixel_rows(x) else (c, h * w)
+    return n, rows, (row_len + 7) // 8
+
+
 # ---------------------------------------------------------------------------------------
 # Fake kernels: output metadata without computing (torch.compile, export, meta tensors). They
 # check what the native kernels check (csrc/se_common.h, check_forward_args and
@@ -137,8 +144,7 @@ def check_backward_args(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mas
                     f"{list(t.shape)} {t.dtype} on {t.device}",  # noqa: B023 (called within this iteration)
         )
     if out_activation == "relu":
-        rows, row_len = (h * w, c) if uses_pixel_rows(x) else (c, h * w)
-        expected = (n, rows, (row_len + 7) // 8)
+        expected = relu_mask_shape(x)
         torch._check(
             relu_mask.dtype == torch.uint8 and relu_mask.is_contiguous() and tuple(relu_mask.shape) == expected
             and relu_mask.device == x.device,
@@ -154,8 +160,7 @@ def forward_fake(x, w1, b1, w2, b2, residual, activation, gate, out_activation):
     s = w1.shape[0]
     acc = accumulation_dtype(x.dtype)
     if out_activation == "relu":
-        rows, row_len = (h * w, c) if uses_pixel_rows(x) else (c, h * w)
-        relu_mask = x.new_empty((n, rows, (row_len + 7) // 8), dtype=torch.uint8)
+        relu_mask = x.new_empty(relu_mask_shape(x), dtype=torch.uint8)
     else:
         relu_mask = x.new_empty((0,), dtype=torch.uint8)
     return (
