@@ -7,9 +7,11 @@ loads before any test module (and so before se_kernels imports Triton)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -45,6 +47,23 @@ class Case:
 
     def options(self) -> dict:
         return dict(activation=self.activation, gate=self.gate, out_activation=self.out_activation)
+
+
+@contextlib.contextmanager
+def temp_dir(path) -> Iterator[None]:
+    """Temporary files go under ``path`` (a test's tmp_path) inside the block: AOTInductor's
+    package loader unpacks each package into a new folder under $TMPDIR and never removes it,
+    so without this every run of the export tests would leave folders in the system's /tmp."""
+    saved_env, saved_module = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(path), str(path)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved_module
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
 
 
 def fresh_seed() -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import NATIVE_CPU, fresh_seed, rel_err
+from helpers import NATIVE_CPU, fresh_seed, rel_err, temp_dir
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -370,7 +370,8 @@ def test_aoti_package_runs_the_fused_op(tmp_path):
     targets = [node["node"]["target"] for graph in extern for node in graph["nodes"]]
     assert targets == ["se_kernels::se_forward"] * 2, targets
 
-    runner = torch._inductor.aoti_load_package(package)
+    with temp_dir(tmp_path):
+        runner = torch._inductor.aoti_load_package(package)
     seed = fresh_seed()
     x = random_input((2, 3, 16, 16), seed)
     with torch.no_grad():
@@ -381,7 +382,8 @@ def test_aoti_package_runs_the_fused_op(tmp_path):
 
     torch.save(x, tmp_path / "x.pt")
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    pythonpath = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": pythonpath}
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_IN_SUBPROCESS, package, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

@@ -21,6 +21,7 @@ from helpers import (
     reference64,
     rel_err,
     run,
+    temp_dir,
 )
 
 from se_kernels import available_backends, fused_se, ops
@@ -274,7 +275,8 @@ def aoti_package_matches_eager(backend: str, tmp_path) -> None:
     with torch.no_grad():
         ep = torch.export.export(model, (x,))
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "block.pt2"))
-        runner = torch._inductor.aoti_load_package(path)
+        with temp_dir(tmp_path):
+            runner = torch._inductor.aoti_load_package(path)
         x2 = torch.randn(4, 3, 20, 20, device="cuda")
         torch.testing.assert_close(runner(x2), model(x2), rtol=1e-5, atol=1e-5)
 
