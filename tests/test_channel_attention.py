@@ -724,6 +724,22 @@ def test_output_dtype_and_layout(backend, layout):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+# ---- large outputs: streaming stores ----------------------------------------------------------
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("shape,layout", [((2, 64, 256, 256), "nchw"), ((2, 64, 256, 256), "channels_last"),
+                                          ((96, 2048, 7, 7), "nchw")], ids=["rows", "pixel_rows", "flat_7x7"])
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
+def test_large_outputs_streamed(shape, layout, squeeze, epilogue):
+    """Outputs of 32 MiB and more (here 34-39 MB in float32) are written with streaming stores:
+    by rows (H*W or C a multiple of 8), or flat over the whole tensor (7x7 maps, no relu). y and
+    every gradient against the float64 reference by the float32 rule (check_against_reference:
+    relu decisions within rounding of 0 and ill-conditioned weight gradients as it says)."""
+    check_against_reference("eca5", shape, torch.float32, layout, squeeze, epilogue)
+
+
 # ---- torch.library.opcheck of the stage ops ----------------------------------------------
 
 
