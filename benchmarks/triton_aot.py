@@ -16,7 +16,9 @@ the target's SM count (H100/H200: 132, A100: 108).
 What is compiled: for every benchmark shape set (benchmarks/shapes.py) and each of its sites
 (with the site's own activation/gate), {float32, bfloat16} x {NCHW, channels_last} x epilogue
 {none, residual + relu} x {forward, backward} (backward with grad_x, plus grad_residual with
-the epilogue); biases as the benchmarks' modules have them. Besides the benchmark sets, one
+the epilogue); biases as the benchmarks' modules have them; at each site also the generic
+channel-attention path's stage launches (se_kernels/triton/stages.py: the average + max pool and
+the scale forward, the gate gradient and both input gradients backward). Besides the benchmark sets, one
 "wide" site whose samples exceed 2^31 elements (meta tensors: nothing is allocated) compiles the
 int64-offset (WIDE) variants of the split kernels. Identical variants (same kernel, same Triton
 specialisation key) compile once; --jobs worker processes (default: one per CPU) each compile
@@ -274,24 +276,28 @@ def jit_kernels() -> Dict[str, object]:
 
 
 def kernels_named_in_launch_code() -> List[str]:
-    """The `kernels.NAME` that se_kernels/triton/launch.py launches."""
-    from se_kernels.triton import launch
+    """The `kernels.NAME` that se_kernels/triton/launch.py (the SE op) and stages.py (the generic
+    channel-attention path) launch."""
+    from se_kernels.triton import launch, stages
 
-    return sorted(set(re.findall(r"\bkernels\.(\w+)", Path(launch.__file__).read_text())))
+    text = Path(launch.__file__).read_text() + Path(stages.__file__).read_text()
+    return sorted(set(re.findall(r"\bkernels\.(\w+)", text)))
 
 
 @contextlib.contextmanager
 def _recording(arch: Arch, sink: List[Launch]):
-    """launch.py with its kernels replaced by recorders, no wrap_triton, and arch's SM count."""
-    from se_kernels.triton import launch
+    """launch.py and stages.py with their kernels replaced by recorders, no wrap_triton, and arch's
+    SM count."""
+    from se_kernels.triton import launch, stages
 
     proxy = types.SimpleNamespace(**{name: _Recorder(name, fn, sink) for name, fn in jit_kernels().items()})
-    saved = launch.kernels, launch.WRAP_TRITON, launch.sm_count
+    saved = launch.kernels, launch.WRAP_TRITON, launch.sm_count, stages.kernels
     launch.kernels, launch.WRAP_TRITON, launch.sm_count = proxy, False, lambda device: arch.sm_count
+    stages.kernels = proxy
     try:
         yield
     finally:
-        launch.kernels, launch.WRAP_TRITON, launch.sm_count = saved
+        launch.kernels, launch.WRAP_TRITON, launch.sm_count, stages.kernels = saved
 
 
 def _meta_inputs(case: Case):
@@ -332,7 +338,30 @@ def case_launches(case: Case, arch: Arch) -> Tuple[bool, List[Launch]]:
                                                                case.gate, out_activation)
             launch.backward(like(), x, w1, w2, pooled, hidden, logits, mask, case.activation, case.gate,
                             out_activation, True, residual is not None)
+        _stage_launches(x, like, residual, out_activation == "relu", backward)
     return fused, sink
+
+
+def _stage_launches(x, like, residual, out_relu: bool, backward: bool) -> None:
+    """The generic channel-attention path's launches at the same site (stages.py): forward the
+    average + max pool and the scale, backward the gate gradient and both input gradients."""
+    import torch
+
+    from se_kernels import ops
+    from se_kernels.triton import stages
+
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    vector = lambda: torch.empty(x.shape[:2], dtype=acc, device=x.device)  # noqa: E731
+    if not backward:
+        stages.pool(x, True)
+        stages.scale(x, vector(), residual, out_relu)
+        return
+    mask = x.new_empty(ops.relu_mask_shape(x) if out_relu else (0,), dtype=torch.uint8)
+    dy = like()
+    stages.gate_grad(dy, x, mask, out_relu)
+    _, mx, ties = stages.pool(x, True)
+    for args in [(None, None, None, None), (x, mx, vector(), ties)]:
+        stages.input_grad(dy, mask, vector(), vector(), *args, out_relu, True, residual is not None)
 
 
 def variant_key(item: Launch) -> str:

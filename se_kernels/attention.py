@@ -4,10 +4,11 @@ Every channel-attention block (SE, ESE, ECA, SE with a norm layer or another act
 average + max squeeze) moves the same bytes: one pass over x to pool, one to scale (backward: one
 pass for the per-channel sums of dy * x, one to write dx). Only the excitation, a small function
 of the pooled (N, C) vector, differs. Here the passes over x run as stage kernels (`ca_pool`,
-`ca_scale`, `ca_gate_grad`, `ca_input_grad`: C++, on the CPU) and the excitation runs as ordinary
-PyTorch ops, differentiated by autograd; elsewhere (GPUs for now, backend="torch", torch.compile,
-export) the unfused composition runs, exactly what the replaced modules compute. x's gradient through
-the pool is folded into the pass that writes dx:
+`ca_scale`, `ca_gate_grad`, `ca_input_grad`: C++ on the CPU, Triton on GPUs in
+se_kernels/triton/stages.py) and the excitation runs as ordinary PyTorch ops, differentiated by
+autograd; elsewhere (backend="torch", torch.compile, export, GPUs without Triton) the unfused
+composition runs, exactly what the replaced modules compute. x's gradient through the pool is
+folded into the pass that writes dx:
 
     forward   p = squeeze(x); g = excite(p); y = out_act(x * g + residual)
     backward  dg = sum_hw dy' * x            (pass 1: dy and x)
@@ -26,9 +27,10 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from .functional import FLOAT_DTYPES
 
 SQUEEZES = ("avg", "avg_max")
-CA_BACKENDS = ("cpu", "torch")  # the generic path's stage kernels; GPUs run the "torch" composition for now
+CA_BACKENDS = ("triton", "cpu", "torch")  # the generic path's stage kernels (no CUDA C++ ones yet)
 
 
 # ---- the stage kernels (csrc/cpu/channel_attention.cpp) -----------------------------------------
@@ -75,29 +77,44 @@ def _register_fakes() -> None:
 _register_fakes()
 
 
-def _native(name):
-    return getattr(torch.ops.se_kernels, name)
+class _Stages:
+    """One backend's stage kernels: ca_pool, ca_scale, ca_gate_grad and ca_input_grad's contracts
+    (the CPU ops of csrc/cpu/channel_attention.cpp; se_kernels/triton/stages.py)."""
+
+    def __init__(self, pool, scale, gate_grad, input_grad):
+        self.pool, self.scale, self.gate_grad, self.input_grad = pool, scale, gate_grad, input_grad
 
 
-def _pool(x, with_max):
-    mean, mx, ties = _native("ca_pool")(x, with_max)
+_STAGES: dict = {}
+
+
+def _stages(backend: str) -> _Stages:
+    if backend not in _STAGES:
+        if backend == "triton":
+            from .triton import stages
+
+            _STAGES[backend] = _Stages(stages.pool, stages.scale, stages.gate_grad, stages.input_grad)
+        else:
+            native = torch.ops.se_kernels
+            _STAGES[backend] = _Stages(native.ca_pool, native.ca_scale, native.ca_gate_grad, native.ca_input_grad)
+    return _STAGES[backend]
+
+
+def _pool(stages, x, with_max):
+    mean, mx, ties = stages.pool(x, with_max)
     return mean, (mx if with_max else None), (ties if with_max else None)
 
 
-def _scale(x, g, residual, out_relu):
-    return _native("ca_scale")(x, g.to(_acc(x)).contiguous(), residual, out_relu)
+def _scale(stages, x, g, residual, out_relu):
+    return stages.scale(x, g.to(_acc(x)).contiguous(), residual, out_relu)
 
 
-def _gate_grad(dy, x, mask, out_relu):
-    return _native("ca_gate_grad")(dy, x, mask, out_relu)
-
-
-def _input_grad(dy, mask, g, dmean, x, mx, dmax, ties, out_relu, need_x, need_res):
+def _input_grad(stages, dy, mask, g, dmean, x, mx, dmax, ties, out_relu, need_x, need_res):
     """(dx or None, dres or None); without the relu dres is dy itself (no copy)."""
     acc = _acc(dy)
     cast = lambda t: t.to(acc).contiguous() if t is not None else None  # noqa: E731
-    dx, dres = _native("ca_input_grad")(dy, mask, cast(g), cast(dmean), x, mx, cast(dmax), cast(ties), out_relu,
-                                        need_x, need_res)
+    dx, dres = stages.input_grad(dy, mask, cast(g), cast(dmean), x, mx, cast(dmax), cast(ties), out_relu, need_x,
+                                 need_res)
     return (dx if need_x else None), ((dres if out_relu else dy) if need_res else None)
 
 
@@ -134,8 +151,8 @@ def _foreign_message(foreign: List[str]) -> str:
 
 class _ChannelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, excite, with_max, out_relu, *params):
-        mean, mx, ties = _pool(x, with_max)
+    def forward(ctx, x, residual, excite, stages, with_max, out_relu, *params):
+        mean, mx, ties = _pool(stages, x, with_max)
         with torch.enable_grad():
             mean_leaf = mean.detach().requires_grad_(x.requires_grad)
             mx_leaf = mx.detach().requires_grad_(x.requires_grad) if with_max else None
@@ -147,9 +164,10 @@ class _ChannelAttention(torch.autograd.Function):
             foreign = _foreign_leaves(g, leaves + [p for p in params if p.requires_grad])
             if foreign:
                 raise ValueError(_foreign_message(foreign))
-        y, mask = _scale(x, g.detach(), residual, out_relu)
+        y, mask = _scale(stages, x, g.detach(), residual, out_relu)
         ctx.save_for_backward(x, mask, mx, ties)
         ctx.graph = (g, leaves)
+        ctx.stages = stages
         ctx.params = params
         ctx.options = (with_max, out_relu)
         ctx.mark_non_differentiable(mask)
@@ -171,7 +189,7 @@ class _ChannelAttention(torch.autograd.Function):
         zeros = torch.zeros(x.shape[:2], dtype=_acc(x), device=x.device)
         dmean, dmax, grads = zeros, (zeros if with_max else None), {}
         if g.requires_grad and (leaves or wanted):
-            dg = _gate_grad(dy, x, mask, out_relu)
+            dg = ctx.stages.gate_grad(dy, x, mask, out_relu)
             # retain_graph: the outer backward may be run again (retain_graph=True there, gradcheck);
             # the excitation's graph is small, on (N, C) vectors, and goes with this node
             got = torch.autograd.grad(g, leaves + wanted, dg.to(g.dtype), allow_unused=True, retain_graph=True)
@@ -182,10 +200,10 @@ class _ChannelAttention(torch.autograd.Function):
             grads = {id(p): d for p, d in zip(wanted, got[len(leaves):])}
         dx, dres = None, None
         if need_x or need_res:
-            dx, dres = _input_grad(dy, mask, g.detach(), dmean, x if with_max else None, mx, dmax, ties, out_relu,
-                                   need_x, need_res)
+            dx, dres = _input_grad(ctx.stages, dy, mask, g.detach(), dmean, x if with_max else None, mx, dmax, ties,
+                                   out_relu, need_x, need_res)
         param_grads = tuple(grads.get(id(p)) for p in ctx.params)
-        return (dx, dres, None, None, None) + param_grads
+        return (dx, dres, None, None, None, None) + param_grads
 
 
 def _check_gate(g, x, fused: bool = True) -> None:
@@ -218,8 +236,6 @@ def _reference(x, excite, with_max, residual, out_relu):
 
 
 def _check_arguments(x, excite, squeeze, residual, out_activation, backend) -> None:
-    from .functional import FLOAT_DTYPES
-
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if not callable(excite):
@@ -245,14 +261,18 @@ def _check_arguments(x, excite, squeeze, residual, out_activation, backend) -> N
 
 
 def _resolve(backend: str, device_type: str) -> str:
-    if backend in ("triton", "cuda"):
-        raise RuntimeError(f"fused_channel_attention has no {backend!r} stage kernels yet; "
-                           "use backend='auto' (the torch composition on GPUs) or 'torch'")
+    if backend == "cuda":
+        raise RuntimeError("fused_channel_attention has no 'cuda' stage kernels yet; use backend='triton' or "
+                           "'auto' (Triton's on GPUs), or 'torch'")
     if ops.onnx_exporting() or torch.compiler.is_compiling():
         return "torch"  # the standard ops: exporters and Inductor take them as they are
     if backend == "auto":
-        env = ops.resolve_backend("auto", device_type) if device_type == "cpu" else "torch"
-        return env if env in CA_BACKENDS else "torch"
+        # the SE op's choice (SE_KERNELS_BACKEND included) where the generic path has its stages:
+        # on GPUs "cuda" is then Triton's, and "torch" if Triton cannot run
+        chosen = ops.resolve_backend("auto", device_type)
+        if chosen == "cuda":
+            chosen = "triton" if ops.unavailable_reason("triton", device_type) is None else "torch"
+        return chosen if chosen in CA_BACKENDS else "torch"
     return ops.resolve_backend(backend, device_type)
 
 
@@ -275,7 +295,8 @@ def fused_channel_attention(
         squeeze: "avg" (mean over H*W) or "avg_max" (0.5 * mean + 0.5 * max, timm's add_maxpool).
         residual: None or a tensor like x, added before out_activation.
         out_activation: None | "relu".
-        backend: "auto" | "cpu" | "torch". On GPUs the generic path runs the torch composition.
+        backend: "auto" | "triton" | "cpu" | "torch" ("cuda" has no stage kernels yet and raises).
+            "auto": the CPU stages on the CPU, Triton's on GPUs, else the torch composition.
     Returns:
         (N, C, H, W) in x's dtype. Gates of a wider dtype than x's (x * g would promote) are
         refused with a TypeError on the fused path; backend="torch" promotes, as x * g does.
@@ -291,15 +312,15 @@ def fused_channel_attention(
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (residual is not None and residual.requires_grad) or any(p.requires_grad for p in params)
     )
-    if not needs_grad:
-        with torch.no_grad():
-            mean, mx, _ = _pool(x_k, with_max)
+    stages = _stages(chosen)
+    if not needs_grad:  # nothing to record: the stage ops need no no_grad() around them
+        mean, mx, _ = _pool(stages, x_k, with_max)
         g = excite(_squeezed(mean, mx))  # in the caller's grad mode: a closure's tensors may require grad
         _check_gate(g, x)
         if g.requires_grad:
             raise ValueError(_foreign_message(_foreign_leaves(g, [])))
-        return _scale(x_k, g.reshape(g.shape[0], g.shape[1]), residual_k, out_relu)[0]
-    return _ChannelAttention.apply(x_k, residual_k, _FlatGate(excite), with_max, out_relu, *params)
+        return _scale(stages, x_k, g.reshape(g.shape[0], g.shape[1]), residual_k, out_relu)[0]
+    return _ChannelAttention.apply(x_k, residual_k, _FlatGate(excite), stages, with_max, out_relu, *params)
 
 
 class _FlatGate:

@@ -47,7 +47,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from se_kernels import ops
+from se_kernels import attention, available_backends, ops
 from se_kernels.attention import fused_channel_attention
 
 # The generic path's backends that run CPU tensors here ("cpu" needs se_kernels._C).
@@ -724,6 +724,156 @@ def test_output_dtype_and_layout(backend, layout):
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+# ---- the Triton stage kernels (under TRITON_INTERPRET=1 here) --------------------------------
+# se_kernels/triton/stages.py: the SE op's split-plan pass kernels plus the max squeeze's two.
+# The interpreter is slow: small shapes, chosen to cover several channel blocks, the relu mask's
+# padded rows, ties and both layouts.
+
+TRITON = pytest.mark.skipif("triton" not in available_backends("cpu"),
+                            reason="Triton does not run CPU tensors here (needs triton and TRITON_INTERPRET=1)")
+
+
+@TRITON
+@pytest.mark.parametrize("kind", ["eca3", "ese", "se_bn_train", "sigmoid_fn", "conv_4d"])
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_matches_reference(kind, squeeze, epilogue, layout):
+    for dtype in (torch.float64, torch.float32):
+        check_against_reference(kind, (3, 12, 5, 3), dtype, layout, squeeze, epilogue, backend="triton")
+
+
+@TRITON
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1, 7), (2, 5, 7, 7), (2, 300, 3, 3), (3, 9, 11, 13)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+def test_triton_odd_shapes_and_ties(shape, layout, squeeze):
+    """One channel or pixel, C not a multiple of 8 under the channels_last relu mask, several
+    channel blocks (C = 300), and inputs with tied maxima."""
+    for epilogue, ties in [((True, "relu"), False), ((False, None), True)]:
+        check_against_reference("eca5", shape, torch.float32, layout, squeeze, epilogue, backend="triton", ties=ties)
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+def test_triton_reduced_precision(dtype, squeeze):
+    check_against_reference("se_mish", (3, 16, 4, 5), dtype, "nchw", squeeze, (True, "relu"), backend="triton")
+    check_against_reference("eca3", (3, 16, 4, 5), dtype, "channels_last", squeeze, (False, None), backend="triton")
+
+
+@TRITON
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+def test_triton_split_pixel_sums(monkeypatch, squeeze):
+    """On a GPU the pixel sums are split over several programs per (sample, channel block) and
+    the splits' partials added after; the interpreter reports no SMs (one split), so pretend 8."""
+    from se_kernels.triton import launch, stages
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: 8)
+    run = stages._Launch(torch.empty(2, 4, 32, 32), out_relu=False)
+    assert run.plan.splits > 1
+    for layout in ("nchw", "channels_last"):
+        check_against_reference("ese", (2, 4, 32, 32), torch.float64, layout, squeeze, (True, "relu"), backend="triton")
+
+
+@TRITON
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+def test_triton_gradcheck(squeeze):
+    seed = fresh_seed()
+    excite = excite_copy(make_excite("se_leaky", 6, seed), torch.float64)
+    x = make_x((2, 6, 3, 2), torch.float64, "channels_last", seed).requires_grad_()
+    r = torch.randn(2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, r, *params):
+        return fused_channel_attention(x, excite, squeeze=squeeze, residual=r, out_activation="relu",
+                                       backend="triton")
+
+    assert torch.autograd.gradcheck(f, (x, r, *excite.parameters()), eps=1e-6, atol=1e-7, rtol=1e-5), seed
+
+
+@TRITON
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+@pytest.mark.parametrize("out_activation", [None, "relu"])
+def test_triton_nan_and_poisoned_outputs(poisoned_allocations, squeeze, out_activation):
+    """A NaN in x gives NaN where the reference has; with every allocation NaN, a finite input
+    gives finite outputs and gradients (every element written)."""
+    seed = fresh_seed()
+    excite = make_excite("eca3", 16, seed)
+    x = make_x((3, 16, 4, 4), torch.float32, "nchw", seed)
+    r, dy = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
+    kw = dict(squeeze=squeeze, out_activation=out_activation)
+    clean = run_ca(excite_copy(excite, torch.float32), x, dy, r, backend="triton", **kw)
+    for name, t in clean.items():
+        assert t is not None and torch.isfinite(t).all(), f"{name} seed={seed}"
+    x[1, 5, 2, 1] = float("nan")
+    ours = run_ca(excite_copy(excite, torch.float32), x, dy, r, backend="triton", **kw)
+    ref = run_ca(excite_copy(excite, torch.float32), x, dy, r, backend="torch", **kw)
+    for name in ref:
+        assert torch.equal(torch.isnan(ours[name]), torch.isnan(ref[name])), f"{name} seed={seed}"
+
+
+@TRITON
+@NATIVE_CPU
+def test_triton_stage_values_equal_the_cpu_stages():
+    """The Triton stage functions against the CPU stage ops on the same inputs (float64)."""
+    from se_kernels.triton import stages
+
+    se = torch.ops.se_kernels
+    for layout in ("nchw", "channels_last"):
+        x = ops.as_kernel_layout(make_x((3, 10, 4, 3), torch.float64, layout, fresh_seed(), ties=True))
+        dy = ops.like_layout(torch.randn(3, 10, 4, 3, dtype=torch.float64), x)
+        g, dmean, dmax = (torch.rand(3, 10, dtype=torch.float64) for _ in range(3))
+        for a, b in zip(stages.pool(x, True), se.ca_pool(x, True)):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+        _, mx, ties = se.ca_pool(x, True)
+        y, mask = stages.scale(x, g, dy, True)
+        y_ref, mask_ref = se.ca_scale(x, g, dy, True)
+        torch.testing.assert_close(y, y_ref, rtol=1e-13, atol=0)
+        assert torch.equal(mask, mask_ref)
+        torch.testing.assert_close(stages.gate_grad(dy, x, mask, True), se.ca_gate_grad(dy, x, mask, True),
+                                   rtol=1e-13, atol=1e-15)
+        for args in [(None, None, None, None), (x, mx, dmax, ties)]:
+            got = stages.input_grad(dy, mask, g, dmean, *args, True, True, True)
+            want = se.ca_input_grad(dy, mask, g, dmean, *args, True, True, True)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+GPU_TRITON = pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in available_backends("cuda"),
+                                reason="needs a CUDA GPU with Triton")
+
+
+def _to(t, device, dtype=None):
+    return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+
+@GPU_TRITON
+@pytest.mark.parametrize("shape", [(3, 12, 5, 3), (4, 300, 14, 14), (2, 64, 56, 56), (1, 2048, 7, 7)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("squeeze", SQUEEZES)
+@pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
+def test_triton_on_gpu(shape, layout, squeeze, epilogue):
+    """The Triton stages on a GPU (auto picks them): float64 y and every gradient as the float64
+    reference on the CPU (relative 1e-12), float32 y within 1e-5."""
+    seed = fresh_seed()
+    excite = make_excite("eca5", shape[1], seed)
+    x = make_x(shape, torch.float64, layout, seed, ties=True)
+    r = relayout(torch.randn(shape, dtype=torch.float64), layout) if epilogue[0] else None
+    dy = torch.randn(shape, dtype=torch.float64)
+    kw = dict(squeeze=squeeze, out_activation=epilogue[1])
+    ref = run_ca(excite_copy(excite, torch.float64), x, dy, r, backend="torch", **kw)
+    ours = run_ca(excite_copy(excite, torch.float64).cuda(), x.cuda(), dy.cuda(), _to(r, "cuda"), backend="auto", **kw)
+    for name in ref:
+        err = rel_err(ours[name].cpu(), ref[name])
+        assert err <= FLOAT64_RTOL, f"{name}: {err:.3g} {shape} {layout} seed={seed}"
+    x32, r32 = x.float(), _to(r, "cpu", torch.float32)
+    ref32 = run_ca(excite_copy(excite, torch.float64), x32.double(), dy, _to(r32, "cpu", torch.float64),
+                   backend="torch", **kw)
+    y32 = run_ca(excite_copy(excite, torch.float32).cuda(), x32.cuda(), dy.float().cuda(), _to(r32, "cuda"),
+                 backend="triton", **kw)["y"]
+    assert y32.dtype == torch.float32 and rel_err(y32.cpu(), ref32["y"]) <= FLOAT32_RTOL, seed
+
+
 # ---- large outputs: streaming stores ----------------------------------------------------------
 
 
@@ -923,10 +1073,26 @@ def test_closure_over_plain_tensors_is_fine():
     assert rel_err(x.grad, x2.grad) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_backends_on_cpu_raise(backend):
-    with pytest.raises(RuntimeError, match=backend):
-        fused_channel_attention(_x(2, 4, 3, 3), torch.sigmoid, backend=backend)
+def test_cuda_backend_raises():
+    """No CUDA C++ stage kernels yet: asked for by name, the generic path says so."""
+    with pytest.raises(RuntimeError, match="no 'cuda' stage kernels"):
+        fused_channel_attention(_x(2, 4, 3, 3), torch.sigmoid, backend="cuda")
+
+
+@pytest.mark.parametrize("se_choice,triton_ok,expected", [("triton", True, "triton"), ("cuda", True, "triton"),
+                                                           ("cuda", False, "torch"), ("torch", False, "torch")])
+def test_auto_on_gpus(monkeypatch, se_choice, triton_ok, expected):
+    """backend="auto" for CUDA tensors: the SE op's choice where the generic path has stages, so
+    Triton's where the SE op would take the CUDA C++ kernels, and the composition without Triton."""
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device_type: se_choice)
+    monkeypatch.setattr(ops, "unavailable_reason", lambda backend, device_type: None if triton_ok else "no triton")
+    assert attention._resolve("auto", "cuda") == expected
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton"):
+        fused_channel_attention(_x(2, 4, 3, 3), torch.sigmoid, backend="triton")
 
 
 @NATIVE_CPU

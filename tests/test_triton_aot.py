@@ -72,7 +72,8 @@ def test_no_spills_or_stack_frames(compiled, arch):
 # The memory-bound kernels: a thread holds a few tile elements and the GPU hides the memory
 # latency with many loads in flight, i.e. with resident warps. At most 128 registers a thread
 # leaves at least 16 warps resident per SM (65536 registers).
-MEMORY_BOUND_KERNELS = ("channel_sums_kernel", "se_scale_kernel", "se_grad_input_kernel")
+MEMORY_BOUND_KERNELS = ("channel_sums_kernel", "se_scale_kernel", "se_grad_input_kernel", "channel_max_kernel",
+                        "ca_grad_input_max_kernel")
 MEMORY_BOUND_MAX_REGISTERS = 128
 
 

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -53,58 +54,54 @@ bool flat_rows(const Geometry& g) {
   return !g.pixel_rows && g.L >= 8 && g.L % 8 != 0;
 }
 
-// The per-row value v[row] for each lane of the 8 elements from flat index i on, for `rows` rows
-// of L. Branch-free: a branch on "does this vector cross a row boundary" would mispredict about
-// once per row.
-struct RowCursor {
-  int64_t L, last, row, end;  // end = (row + 1) * L, where the current row stops
-  RowCursor(int64_t L, int64_t rows, int64_t i) : L(L), last(rows - 1), row(i / L), end((i / L + 1) * L) {}
-  template <typename V>
-  Vec spread(const V* v, int64_t i) const {
-    const Vec here(static_cast<float>(v[row]));
-    const Vec next(static_cast<float>(v[std::min(row + 1, last)]));
-    const Vec lanes(static_cast<float>(std::min<int64_t>(end - i, 8)));  // lanes still in this row
-    return Vec::blendv(next, here, Vec::arange(0.f, 1.f) < lanes);
-  }
-  void next(int64_t i) {
-    const int64_t crossed = i + 8 >= end;
-    row += crossed;
-    end += crossed * L;
-  }
-};
+// f(i, vals) for every aligned 8-vector of the flat [0, n) (n = rows * L), parallel over rows,
+// where vals are the per-row operands as vectors: row(r) broadcasts row r's K values. Row r
+// takes the vectors that start in it: its whole-row vectors (a tight loop with vals = row(r))
+// and the one crossing into row r + 1 (each lane the value of its own row); its first lanes are
+// the previous row's crossing vector's. tail(i, row) for the last n % 8 elements.
+template <int K>
+using RowVecs = std::array<Vec, K>;
 
-// f(i, cursor) for each aligned vector of [0, n) in parallel, then tail(i, row) for the last n % 8
-// elements.
-template <typename F, typename Tail>
-void for_flat_vectors(int64_t n, int64_t L, bool stream, F&& f, Tail&& tail) {
-  const int64_t vectors = n / 8;
-  at::parallel_for(0, vectors, std::max<int64_t>(1, kGrainElements / 8), [&](int64_t begin, int64_t end) {
-    RowCursor cursor(L, n / L, begin * 8);
-    for (int64_t v = begin; v < end; ++v) {
-      f(v * 8, cursor);
-      cursor.next(v * 8);
+template <int K, typename Row, typename F, typename Tail>
+void for_flat_vectors(int64_t rows, int64_t L, bool stream, Row&& row, F&& f, Tail&& tail) {
+  const int64_t n = rows * L, whole = n / 8 * 8;
+  const Vec lane = Vec::arange(0.f, 1.f);
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / L), [&](int64_t r0, int64_t r1) {
+    RowVecs<K> here = row(r0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t begin = (r * L + 7) / 8 * 8, end = (r + 1) * L;
+      const int64_t cross = end / 8 * 8;  // the vector holding row r's last elements
+      for (int64_t i = begin; i < cross; i += 8) f(i, here);
+      const RowVecs<K> next = r + 1 < rows ? row(r + 1) : here;
+      if (cross < end && cross + 8 <= whole) {
+        const Vec in_row = lane < Vec(static_cast<float>(end - cross));
+        RowVecs<K> mixed;
+        for (int k = 0; k < K; ++k) mixed[k] = Vec::blendv(next[k], here[k], in_row);
+        f(cross, mixed);
+      }
+      here = next;
     }
     if (stream) stream_fence();
   });
-  for (int64_t i = vectors * 8; i < n; ++i) tail(i, i / L);
+  for (int64_t i = whole; i < n; ++i) tail(i, i / L);
 }
 
 template <typename T, bool kResidual, bool kStream>
 void scale_flat(const Geometry& g, const T* x, const float* gate, const T* r, T* y) {
-  for_flat_vectors(
-      g.N * g.C * g.L, g.L, kStream,
-      [&](int64_t i, const RowCursor& rows) {
-        Vec v = load8(x + i) * rows.spread(gate, i);
-        if constexpr (kResidual) v = v + load8(r + i);
+  for_flat_vectors<1>(
+      g.N * g.C, g.L, kStream, [&](int64_t row) { return RowVecs<1>{Vec(gate[row])}; },
+      [&](int64_t i, const RowVecs<1>& v) {
+        Vec out = load8(x + i) * v[0];
+        if constexpr (kResidual) out = out + load8(r + i);
         if constexpr (kStream)
-          stream8(y + i, v);
+          stream8(y + i, out);
         else
-          store8(y + i, v);
+          store8(y + i, out);
       },
       [&](int64_t i, int64_t row) {
-        float v = static_cast<float>(x[i]) * gate[row];
-        if constexpr (kResidual) v += static_cast<float>(r[i]);
-        y[i] = static_cast<T>(v);
+        float out = static_cast<float>(x[i]) * gate[row];
+        if constexpr (kResidual) out += static_cast<float>(r[i]);
+        y[i] = static_cast<T>(out);
       });
 }
 
@@ -113,22 +110,33 @@ void scale_flat(const Geometry& g, const T* x, const float* gate, const T* r, T*
 template <typename T, bool kMax, bool kStream>
 void input_grad_flat(const Geometry& g, const T* dy, const float* gate, const float* dp, const T* x, const T* mx,
                      const float* dm, T* dx) {
-  for_flat_vectors(
-      g.N * g.C * g.L, g.L, kStream,
-      [&](int64_t i, const RowCursor& rows) {
-        Vec v = at::vec::fmadd(load8(dy + i), rows.spread(gate, i), rows.spread(dp, i));
-        if constexpr (kMax) v = v + ((load8(x + i) == rows.spread(mx, i)) & rows.spread(dm, i));
+  constexpr int K = kMax ? 4 : 2;
+  for_flat_vectors<K>(
+      g.N * g.C, g.L, kStream,
+      [&](int64_t row) {
+        RowVecs<K> v;
+        v[0] = Vec(gate[row]);
+        v[1] = Vec(dp[row]);
+        if constexpr (kMax) {
+          v[2] = Vec(static_cast<float>(mx[row]));
+          v[3] = Vec(dm[row]);
+        }
+        return v;
+      },
+      [&](int64_t i, const RowVecs<K>& v) {
+        Vec out = at::vec::fmadd(load8(dy + i), v[0], v[1]);
+        if constexpr (kMax) out = out + ((load8(x + i) == v[2]) & v[3]);
         if constexpr (kStream)
-          stream8(dx + i, v);
+          stream8(dx + i, out);
         else
-          store8(dx + i, v);
+          store8(dx + i, out);
       },
       [&](int64_t i, int64_t row) {
-        float v = static_cast<float>(dy[i]) * gate[row] + dp[row];
+        float out = static_cast<float>(dy[i]) * gate[row] + dp[row];
         if constexpr (kMax) {
-          if (static_cast<float>(x[i]) == static_cast<float>(mx[row])) v += dm[row];
+          if (static_cast<float>(x[i]) == static_cast<float>(mx[row])) out += dm[row];
         }
-        dx[i] = static_cast<T>(v);
+        dx[i] = static_cast<T>(out);
       });
 }
 

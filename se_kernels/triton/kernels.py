@@ -613,3 +613,84 @@ def se_sum_chunks_kernel(
     tl.store(db1_ptr + (j - sc), acc.to(db1_ptr.dtype.element_ty), mask=ok & (j >= sc) & (j < sc + S))
     tl.store(dw2_ptr + (j - sc - S), acc.to(dw2_ptr.dtype.element_ty), mask=ok & (j >= sc + S) & (j < 2 * sc + S))
     tl.store(db2_ptr + (j - 2 * sc - S), acc.to(db2_ptr.dtype.element_ty), mask=ok & (j >= 2 * sc + S))
+
+
+# ---- the generic channel-attention path's stage kernels (se_kernels/triton/stages.py) ------------
+# Its pool and gate gradient are channel_sums_kernel, its scale se_scale_kernel and its average
+# squeeze's input gradient se_grad_input_kernel; the average + max squeeze adds these two.
+
+
+@triton.jit
+def channel_max_kernel(
+    x_ptr,  # (N, C, L) through (s_n, s_c, s_l)
+    max_ptr,  # (N, C) in x's dtype
+    ties_ptr,  # (N, C) in ACC
+    C, L, s_n, s_c, s_l,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+):
+    """max[n, c] over the pixels (NaN if any is NaN, as torch.amax) and ties[n, c], how many
+    pixels equal it (0 for NaN): one program per (sample, channel block), the max in one walk
+    over the pixels and the count in a second (the block still in L2)."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    c = pid % c_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = (pid // c_blocks).to(tl.int64)
+    if WIDE:
+        c = c.to(tl.int64)
+    c_ok = c < C
+    best = tl.full([BLOCK_C, BLOCK_L], float("-inf"), ACC)
+    nans = tl.zeros([BLOCK_C, BLOCK_L], tl.int32)
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)
+        if WIDE:
+            l = l.to(tl.int64)
+        inside = c_ok[:, None] & (l < L)[None, :]
+        v = tl.load(x_ptr + n * s_n + c[:, None] * s_c + l[None, :] * s_l, mask=inside,
+                    other=float("-inf")).to(ACC)
+        nans = tl.maximum(nans, (v != v).to(tl.int32))
+        best = tl.maximum(best, tl.where(v != v, float("-inf"), v))
+    m = tl.max(best, axis=1)
+    count = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)
+        if WIDE:
+            l = l.to(tl.int64)
+        inside = c_ok[:, None] & (l < L)[None, :]
+        v = tl.load(x_ptr + n * s_n + c[:, None] * s_c + l[None, :] * s_l, mask=inside, other=0.0).to(ACC)
+        count += tl.where(inside & (v == m[:, None]), 1.0, 0.0)
+    has_nan = tl.max(nans, axis=1) > 0
+    m = tl.where(has_nan, float("nan"), m)
+    ties = tl.where(has_nan, 0.0, tl.sum(count, axis=1))
+    tl.store(max_ptr + n * C + c, m.to(max_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(ties_ptr + n * C + c, ties, mask=c_ok)
+
+
+@triton.jit
+def ca_grad_input_max_kernel(
+    dy_ptr, mask_ptr, dx_ptr, dres_ptr,  # as in se_grad_input_kernel
+    gates_ptr, dp_ptr,  # (N, C) in ACC: g, dmean / L
+    x_ptr,  # like dy
+    max_ptr,  # (N, C) in x's dtype
+    dm_ptr,  # (N, C) in ACC: dmax / ties (0 where no pixel is the max)
+    C, L, s_n, s_c, s_l, row_bytes,
+    OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+):
+    """se_grad_input_kernel's grad_x = dy' * g + dp plus the max squeeze's share, dm where x is
+    the max; grad_residual = dy'."""
+    n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
+    c_ok = c < C
+    inside = c_ok[:, None] & (l < L)[None, :]
+    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
+                      BLOCK_C, BLOCK_L)
+    if NEED_DRES:
+        tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside)
+    if NEED_DX:
+        g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
+        dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0)
+        mx = tl.load(max_ptr + n * C + c, mask=c_ok, other=0.0).to(ACC)
+        dm = tl.load(dm_ptr + n * C + c, mask=c_ok, other=0.0)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
+        out = dy * g[:, None] + dp[:, None] + tl.where(x == mx[:, None], dm[:, None], 0.0)
+        tl.store(dx_ptr + offsets, out.to(dx_ptr.dtype.element_ty), mask=inside)
