@@ -254,6 +254,20 @@ def _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes,
 
 
 @triton.jit
+def _grad_tile_dy(dy_ptr, mask_ptr, C, L, s_n, s_c, s_l, row_bytes, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr):
+    """The backward element-wise kernels' tile (walked backwards, see _reversed_tile) and its dy'
+    (dy masked by the relu mask): (n, c, c_ok, inside, offsets, dy')."""
+    n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
+    c_ok = c < C
+    inside = c_ok[:, None] & (l < L)[None, :]
+    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
+                      BLOCK_C, BLOCK_L)
+    return n, c, c_ok, inside, offsets, dy
+
+
+@triton.jit
 def _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr):
     """grad_x = dy' * g + dp, grad_residual = dy' for one tile (g, dp: [BLOCK_C])."""
     if NEED_DRES:
@@ -539,12 +553,8 @@ def se_grad_input_kernel(
 ):
     """grad_x = dy' * g + dp and grad_residual = dy', 1-D grid over (N, C blocks, L blocks)
     tiles, walked backwards (see _reversed_tile)."""
-    n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
-    c_ok = c < C
-    inside = c_ok[:, None] & (l < L)[None, :]
-    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
-    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
-                      BLOCK_C, BLOCK_L)
+    n, c, c_ok, inside, offsets, dy = _grad_tile_dy(dy_ptr, mask_ptr, C, L, s_n, s_c, s_l, row_bytes, OUT_RELU,
+                                                    PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
     g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
     dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0)
     _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX, NEED_DRES)
@@ -678,12 +688,8 @@ def ca_grad_input_max_kernel(
 ):
     """se_grad_input_kernel's grad_x = dy' * g + dp plus the max squeeze's share, dm where x is
     the max; grad_residual = dy'."""
-    n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
-    c_ok = c < C
-    inside = c_ok[:, None] & (l < L)[None, :]
-    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
-    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
-                      BLOCK_C, BLOCK_L)
+    n, c, c_ok, inside, offsets, dy = _grad_tile_dy(dy_ptr, mask_ptr, C, L, s_n, s_c, s_l, row_bytes, OUT_RELU,
+                                                    PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
     if NEED_DRES:
         tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside)
     if NEED_DX:
