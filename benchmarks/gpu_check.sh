@@ -69,12 +69,13 @@ fi
 if want tests; then
     # The GPU suites (Triton and CUDA backends against the float64 reference, gradcheck,
     # opcheck, compile, CUDA graphs, determinism), the API/conversion tests with a GPU present,
-    # and the generic channel-attention path's Triton stages.
+    # and the generic channel-attention path's GPU stages (Triton and CUDA) and their opcheck.
     per_test=""
     $PY -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=100"
     TAIL=12 step tests 120 tests.log $PY -m pytest -q -p no:cacheprovider $per_test \
         tests/test_cuda.py tests/test_triton.py tests/test_layouts.py tests/test_double_backward.py \
-        tests/test_api.py tests/test_channel_attention.py::test_triton_on_gpu -ra
+        tests/test_api.py tests/test_channel_attention.py::test_stages_on_gpu \
+        tests/test_channel_attention.py::test_opcheck_stage_ops -ra
 fi
 
 if want sanitizer; then

@@ -4,9 +4,9 @@ Every channel-attention block (SE, ESE, ECA, SE with a norm layer or another act
 average + max squeeze) moves the same bytes: one pass over x to pool, one to scale (backward: one
 pass for the per-channel sums of dy * x, one to write dx). Only the excitation, a small function
 of the pooled (N, C) vector, differs. Here the passes over x run as stage kernels (`ca_pool`,
-`ca_scale`, `ca_gate_grad`, `ca_input_grad`: C++ on the CPU, Triton on GPUs in
-se_kernels/triton/stages.py) and the excitation runs as ordinary PyTorch ops, differentiated by
-autograd; elsewhere (backend="torch", torch.compile, export, GPUs without Triton) the unfused
+`ca_scale`, `ca_gate_grad`, `ca_input_grad`: C++ on the CPU, CUDA C++ or Triton on GPUs, the
+latter in se_kernels/triton/stages.py) and the excitation runs as ordinary PyTorch ops,
+differentiated by autograd; elsewhere (backend="torch", torch.compile, export) the unfused
 composition runs, exactly what the replaced modules compute. x's gradient through the pool is
 folded into the pass that writes dx:
 
@@ -30,10 +30,10 @@ from . import ops, reference
 from .functional import FLOAT_DTYPES
 
 SQUEEZES = ("avg", "avg_max")
-CA_BACKENDS = ("triton", "cpu", "torch")  # the generic path's stage kernels (no CUDA C++ ones yet)
+CA_BACKENDS = ops.BACKENDS  # every backend has the generic path's stage kernels
 
 
-# ---- the stage kernels (csrc/cpu/channel_attention.cpp) -----------------------------------------
+# ---- the stage kernels (csrc/se.cpp's ca_* ops; se_kernels/triton/stages.py) ----------------------
 # g, dmean, dmax and ties are (N, C) tensors in the accumulation type (float32 for
 # float32/float16/bfloat16 x, float64 for float64); relu_mask is se_forward's bit rows, empty
 # without the relu.
@@ -79,7 +79,8 @@ _register_fakes()
 
 class _Stages:
     """One backend's stage kernels: ca_pool, ca_scale, ca_gate_grad and ca_input_grad's contracts
-    (the CPU ops of csrc/cpu/channel_attention.cpp; se_kernels/triton/stages.py)."""
+    (the ops of csrc/se.cpp, on the CPU csrc/cpu/channel_attention.cpp and on CUDA
+    csrc/cuda/se_cuda.cu; for Triton se_kernels/triton/stages.py)."""
 
     def __init__(self, pool, scale, gate_grad, input_grad):
         self.pool, self.scale, self.gate_grad, self.input_grad = pool, scale, gate_grad, input_grad
@@ -261,18 +262,9 @@ def _check_arguments(x, excite, squeeze, residual, out_activation, backend) -> N
 
 
 def _resolve(backend: str, device_type: str) -> str:
-    if backend == "cuda":
-        raise RuntimeError("fused_channel_attention has no 'cuda' stage kernels yet; use backend='triton' or "
-                           "'auto' (Triton's on GPUs), or 'torch'")
     if ops.onnx_exporting() or torch.compiler.is_compiling():
         return "torch"  # the standard ops: exporters and Inductor take them as they are
-    if backend == "auto":
-        # the SE op's choice (SE_KERNELS_BACKEND included) where the generic path has its stages:
-        # on GPUs "cuda" is then Triton's, and "torch" if Triton cannot run
-        chosen = ops.resolve_backend("auto", device_type)
-        if chosen == "cuda":
-            chosen = "triton" if ops.unavailable_reason("triton", device_type) is None else "torch"
-        return chosen if chosen in CA_BACKENDS else "torch"
+    # every backend has the stage kernels: the SE op's choice (SE_KERNELS_BACKEND included)
     return ops.resolve_backend(backend, device_type)
 
 
@@ -295,8 +287,8 @@ def fused_channel_attention(
         squeeze: "avg" (mean over H*W) or "avg_max" (0.5 * mean + 0.5 * max, timm's add_maxpool).
         residual: None or a tensor like x, added before out_activation.
         out_activation: None | "relu".
-        backend: "auto" | "triton" | "cpu" | "torch" ("cuda" has no stage kernels yet and raises).
-            "auto": the CPU stages on the CPU, Triton's on GPUs, else the torch composition.
+        backend: "auto" | "triton" | "cuda" | "cpu" | "torch", as fused_se's ("auto": the first
+            of available_backends for x's device).
     Returns:
         (N, C, H, W) in x's dtype. Gates of a wider dtype than x's (x * g would promote) are
         refused with a TypeError on the fused path; backend="torch" promotes, as x * g does.

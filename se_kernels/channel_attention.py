@@ -62,8 +62,7 @@ class FusedChannelAttention(nn.Module):
         super().__init__()
         reference.check_option("out_activation", out_activation)
         if backend not in CA_MODULE_BACKENDS:
-            raise ValueError(f"backend must be one of {CA_MODULE_BACKENDS} (the generic path has no 'cuda' stage "
-                             f"kernels yet; 'auto' runs Triton's on GPUs); got {backend!r}")
+            raise ValueError(f"backend must be one of {CA_MODULE_BACKENDS}; got {backend!r}")
         clashes = [name for name in flavour.holders if name in _OWN_NAMES or hasattr(type(self), name)]
         if clashes:
             raise UnsupportedSE(f"{flavour.kind}: its children {clashes} would shadow FusedChannelAttention's "

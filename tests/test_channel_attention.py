@@ -47,11 +47,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from se_kernels import attention, available_backends, ops
+from se_kernels import available_backends, ops
 from se_kernels.attention import fused_channel_attention
 
 # The generic path's backends that run CPU tensors here ("cpu" needs se_kernels._C).
 CA_BACKENDS = [b for b in CPU_BACKENDS if b in ("cpu", "torch")]
+# The GPU backends that can run here (none without a GPU): every one has stage kernels.
+GPU_BACKENDS = [b for b in ("triton", "cuda") if torch.cuda.is_available() and b in available_backends("cuda")]
 SQUEEZES = ("avg", "avg_max")
 # (residual, out_activation)
 EPILOGUES = [(False, None), (True, None), (True, "relu"), (False, "relu")]
@@ -839,22 +841,21 @@ def test_triton_stage_values_equal_the_cpu_stages():
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
 
 
-GPU_TRITON = pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in available_backends("cuda"),
-                                reason="needs a CUDA GPU with Triton")
 
 
 def _to(t, device, dtype=None):
     return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
 
-@GPU_TRITON
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
 @pytest.mark.parametrize("shape", [(3, 12, 5, 3), (4, 300, 14, 14), (2, 64, 56, 56), (1, 2048, 7, 7)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("squeeze", SQUEEZES)
 @pytest.mark.parametrize("epilogue", [(False, None), (True, "relu")])
-def test_triton_on_gpu(shape, layout, squeeze, epilogue):
-    """The Triton stages on a GPU (auto picks them): float64 y and every gradient as the float64
-    reference on the CPU (relative 1e-12), float32 y within 1e-5."""
+def test_stages_on_gpu(backend, shape, layout, squeeze, epilogue):
+    """The GPU stage kernels (Triton's and the CUDA C++ ones): float64 y and every gradient as
+    the float64 reference on the CPU (relative 1e-12), float32 y within 1e-5."""
     seed = fresh_seed()
     excite = make_excite("eca5", shape[1], seed)
     x = make_x(shape, torch.float64, layout, seed, ties=True)
@@ -862,7 +863,8 @@ def test_triton_on_gpu(shape, layout, squeeze, epilogue):
     dy = torch.randn(shape, dtype=torch.float64)
     kw = dict(squeeze=squeeze, out_activation=epilogue[1])
     ref = run_ca(excite_copy(excite, torch.float64), x, dy, r, backend="torch", **kw)
-    ours = run_ca(excite_copy(excite, torch.float64).cuda(), x.cuda(), dy.cuda(), _to(r, "cuda"), backend="auto", **kw)
+    ours = run_ca(excite_copy(excite, torch.float64).cuda(), x.cuda(), dy.cuda(), _to(r, "cuda"), backend=backend,
+                  **kw)
     for name in ref:
         err = rel_err(ours[name].cpu(), ref[name])
         assert err <= FLOAT64_RTOL, f"{name}: {err:.3g} {shape} {layout} seed={seed}"
@@ -870,7 +872,7 @@ def test_triton_on_gpu(shape, layout, squeeze, epilogue):
     ref32 = run_ca(excite_copy(excite, torch.float64), x32.double(), dy, _to(r32, "cpu", torch.float64),
                    backend="torch", **kw)
     y32 = run_ca(excite_copy(excite, torch.float32).cuda(), x32.cuda(), dy.float().cuda(), _to(r32, "cuda"),
-                 backend="triton", **kw)["y"]
+                 backend=backend, **kw)["y"]
     assert y32.dtype == torch.float32 and rel_err(y32.cpu(), ref32["y"]) <= FLOAT32_RTOL, seed
 
 
@@ -910,14 +912,16 @@ OPCHECK_CASES = [
 @pytest.mark.parametrize("case", OPCHECK_CASES,
                          ids=["x".join(map(str, c[0])) + f"-{c[1]}-{str(c[2])[6:]}" for c in OPCHECK_CASES])
 @pytest.mark.parametrize("out_relu", [False, True])
-def test_opcheck_stage_ops(case, out_relu):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    "cuda" not in GPU_BACKENDS, reason="needs a GPU and se_kernels' CUDA kernels"))])
+def test_opcheck_stage_ops(case, out_relu, device):
     shape, layout, dtype = case
     seed = fresh_seed()
-    x = make_x(shape, dtype, layout, seed)
+    x = make_x(shape, dtype, layout, seed).to(device)
     x = ops.as_kernel_layout(x)
-    lay = lambda t: ops.like_layout(t, x)  # noqa: E731
+    lay = lambda t: ops.like_layout(t.to(device), x)  # noqa: E731
     n, c = shape[:2]
-    g = torch.rand(n, c, dtype=_acc(dtype))
+    g = torch.rand(n, c, dtype=_acc(dtype), device=device)
     r = lay(torch.randn(shape).to(dtype))
     dy = lay(torch.randn(shape).to(dtype))
     se = torch.ops.se_kernels
@@ -927,7 +931,7 @@ def test_opcheck_stage_ops(case, out_relu):
     torch.library.opcheck(se.ca_scale.default, (x, g, None, out_relu))
     torch.library.opcheck(se.ca_gate_grad.default, (dy, x, mask, out_relu))
     _, mx, ties = se.ca_pool(x, True)
-    dmean, dmax = torch.randn(n, c, dtype=_acc(dtype)), torch.randn(n, c, dtype=_acc(dtype))
+    dmean, dmax = (torch.randn(n, c, dtype=_acc(dtype), device=device) for _ in range(2))
     for need_x, need_r in [(True, True), (True, False), (False, True)]:
         torch.library.opcheck(se.ca_input_grad.default,
                               (dy, mask, g, dmean, None, None, None, None, out_relu, need_x, need_r))
@@ -1073,20 +1077,9 @@ def test_closure_over_plain_tensors_is_fine():
     assert rel_err(x.grad, x2.grad) < 1e-5
 
 
-def test_cuda_backend_raises():
-    """No CUDA C++ stage kernels yet: asked for by name, the generic path says so."""
-    with pytest.raises(RuntimeError, match="no 'cuda' stage kernels"):
+def test_cuda_backend_on_cpu_raises():
+    with pytest.raises(RuntimeError, match="cuda"):
         fused_channel_attention(_x(2, 4, 3, 3), torch.sigmoid, backend="cuda")
-
-
-@pytest.mark.parametrize("se_choice,triton_ok,expected", [("triton", True, "triton"), ("cuda", True, "triton"),
-                                                           ("cuda", False, "torch"), ("torch", False, "torch")])
-def test_auto_on_gpus(monkeypatch, se_choice, triton_ok, expected):
-    """backend="auto" for CUDA tensors: the SE op's choice where the generic path has stages, so
-    Triton's where the SE op would take the CUDA C++ kernels, and the composition without Triton."""
-    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device_type: se_choice)
-    monkeypatch.setattr(ops, "unavailable_reason", lambda backend, device_type: None if triton_ok else "no triton")
-    assert attention._resolve("auto", "cuda") == expected
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):

@@ -20,11 +20,13 @@
 #include <cmath>
 #include <vector>
 
-#include "../se_common.h"
+#include "../ca_common.h"
 #include "rows.h"
 
 namespace se_kernels::cpu {
 namespace {
+
+using namespace se_kernels::ca;
 
 constexpr int64_t kGrainElements = 1 << 15;
 
@@ -151,37 +153,6 @@ void with_bool(bool b, F&& f) {
 
 int64_t grain_rows(int64_t row_len) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_len));
-}
-
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const Geometry& g, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device(),
-                    "se_kernels: ", name, " must match x (", x.sizes(), " ", x.scalar_type(), "); got ", t.sizes(),
-                    " ", t.scalar_type());
-  TORCH_CHECK_VALUE(same_layout(t, g), "se_kernels: ", name, " must have x's memory layout");
-}
-
-void check_vector(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  const auto acc = accumulation_type(x.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.is_contiguous() &&
-                        t.scalar_type() == acc && t.device() == x.device(),
-                    "se_kernels: ", name, " must be a contiguous (", x.size(0), ", ", x.size(1), ") ", acc,
-                    " tensor; got ", t.sizes(), " ", t.scalar_type());
-}
-
-void check_mask(const at::Tensor& mask, const Geometry& g, bool out_relu) {
-  if (!out_relu) return;
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte && mask.is_contiguous() &&
-                        mask.sizes() == at::IntArrayRef({g.N, g.rows, g.mask_row_bytes}),
-                    "se_kernels: relu_mask must be a contiguous uint8 (", g.N, ", ", g.rows, ", ", g.mask_row_bytes,
-                    ") tensor; got ", mask.sizes(), " ", mask.scalar_type());
-}
-
-Geometry check_x(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) >= 1 && x.size(2) * x.size(3) >= 1,
-                    "se_kernels: x must be (N, C, H, W) with C >= 1 and H*W >= 1; got ", x.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "se_kernels: x must be floating point; got ",
-                   x.scalar_type());
-  return make_geometry(x, 1);
 }
 
 // ---- pool ----------------------------------------------------------------------------------
@@ -406,7 +377,7 @@ void gate_grad(const Geometry& g, const T* dy, const T* x, const uint8_t* mask, 
 at::Tensor ca_gate_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, bool out_relu) {
   const Geometry g = check_x(x);
   check_like_x(dy, x, g, "grad_y");
-  check_mask(mask, g, out_relu);
+  check_mask(mask, x, g, out_relu);
   at::Tensor dg = at::empty({g.N, g.C}, x.options().dtype(accumulation_type(x.scalar_type())));
   if (g.N == 0) return dg;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ca_gate_grad_cpu", [&] {
@@ -442,15 +413,15 @@ void input_grad_rows(const Geometry& g, const T* dy, const uint8_t* mask, const 
 template <typename T, bool kPerLane, bool kMask, bool kStream>
 void grad_row_max(const T* dy, const uint8_t* mask, const acc_t<T>* gate, const acc_t<T>* dp, const T* x,
                   const T* mx, const acc_t<T>* dm, T* dx, T* dres, int64_t n) {
-  auto put = [](T* p, const Vec& v) {
-    if constexpr (kStream)
-      stream8(p, v);
-    else
-      store8(p, v);
-  };
   using A = acc_t<T>;
   int64_t i = 0;
   if constexpr (kVectorized<T>) {
+    auto put = [](T* p, const Vec& v) {
+      if constexpr (kStream)
+        stream8(p, v);
+      else
+        store8(p, v);
+    };
     const Vec g_row(kPerLane ? 0.f : gate[0]), dp_row(kPerLane ? 0.f : dp[0]);
     const Vec m_row(kPerLane ? 0.f : static_cast<float>(mx[0])), dm_row(kPerLane ? 0.f : dm[0]);
     for (; i + 8 <= n; i += 8) {
@@ -501,60 +472,42 @@ std::tuple<at::Tensor, at::Tensor> ca_input_grad_cpu(const at::Tensor& dy, const
                                                      const std::optional<at::Tensor>& dmax,
                                                      const std::optional<at::Tensor>& ties, bool out_relu,
                                                      bool need_grad_x, bool need_grad_residual) {
-  const Geometry g = check_x(dy);
-  check_mask(mask, g, out_relu);
-  check_vector(gate, dy, "g");
-  check_vector(dmean, dy, "dmean");
-  const bool with_max = mx.has_value();
-  TORCH_CHECK_VALUE(x.has_value() == with_max && dmax.has_value() == with_max && ties.has_value() == with_max,
-                    "se_kernels: ca_input_grad takes x, max, dmax and ties together (the max squeeze) or none");
-  if (with_max) {
-    check_like_x(*x, dy, g, "x");
-    TORCH_CHECK_VALUE(mx->dim() == 2 && mx->size(0) == g.N && mx->size(1) == g.C && mx->is_contiguous() &&
-                          mx->scalar_type() == dy.scalar_type(),
-                      "se_kernels: max must be a contiguous (N, C) tensor in x's dtype; got ", mx->sizes());
-    check_vector(*dmax, dy, "dmax");
-    check_vector(*ties, dy, "ties");
-  }
-  const bool dres_out = need_grad_residual && out_relu;
-  at::Tensor dx = need_grad_x ? at::empty_like(dy) : at::empty({0}, dy.options());
-  at::Tensor dres = dres_out ? at::empty_like(dy) : at::empty({0}, dy.options());
-  if (g.N == 0 || (!need_grad_x && !dres_out)) return {dx, dres};
-  // dp = dmean / HW, and with the max squeeze dmax / ties (0 where no element is the max: NaN)
-  at::Tensor dp = dmean / static_cast<double>(g.L);
-  at::Tensor dm = with_max ? at::where(*ties > 0, *dmax / *ties, at::zeros_like(*dmax)) : at::Tensor();
+  InputGrad a = prepare_input_grad(dy, mask, gate, dmean, x, mx, dmax, ties, out_relu, need_grad_x,
+                                   need_grad_residual);
+  if (a.done) return {a.dx, a.dres};
+  const Geometry& g = a.g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "ca_input_grad_cpu", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    T* dx_p = need_grad_x ? dx.mutable_data_ptr<T>() : nullptr;
-    T* dres_p = dres_out ? dres.mutable_data_ptr<T>() : nullptr;
+    T* dx_p = need_grad_x ? a.dx.mutable_data_ptr<T>() : nullptr;
+    T* dres_p = a.dres_out ? a.dres.mutable_data_ptr<T>() : nullptr;
     const uint8_t* m = out_relu ? mask.const_data_ptr<uint8_t>() : nullptr;
     if constexpr (kVectorized<T>) {
       if (!out_relu && need_grad_x && flat_rows(g)) {
-        with_bool(with_max, [&](auto has_max) {
-          with_bool(streams<T>(dx, g, /*flat=*/true), [&](auto stream) {
+        with_bool(a.with_max, [&](auto has_max) {
+          with_bool(streams<T>(a.dx, g, /*flat=*/true), [&](auto stream) {
             input_grad_flat<T, decltype(has_max)::value, decltype(stream)::value>(
-                g, dy.const_data_ptr<T>(), gate.const_data_ptr<float>(), dp.const_data_ptr<float>(),
-                with_max ? x->const_data_ptr<T>() : nullptr, with_max ? mx->const_data_ptr<T>() : nullptr,
-                with_max ? dm.const_data_ptr<float>() : nullptr, dx_p);
+                g, dy.const_data_ptr<T>(), gate.const_data_ptr<float>(), a.dp.const_data_ptr<float>(),
+                a.with_max ? x->const_data_ptr<T>() : nullptr, a.with_max ? mx->const_data_ptr<T>() : nullptr,
+                a.with_max ? a.dm.const_data_ptr<float>() : nullptr, dx_p);
           });
         });
         return;
       }
     }
     // streaming stores only when every output written streams (an unaligned one would not)
-    const bool stream =
-        (!need_grad_x || streams<T>(dx, g, /*flat=*/false)) && (!dres_out || streams<T>(dres, g, /*flat=*/false));
+    const bool stream = (!need_grad_x || streams<T>(a.dx, g, /*flat=*/false)) &&
+                        (!a.dres_out || streams<T>(a.dres, g, /*flat=*/false));
     auto run = [&](auto per_lane, auto masked, auto streamed) {
       constexpr bool kPerLane = decltype(per_lane)::value, kMask = decltype(masked)::value;
       constexpr bool kStream = decltype(streamed)::value;
-      if (with_max)
+      if (a.with_max)
         input_grad_max<T, kPerLane, kMask, kStream>(g, dy.const_data_ptr<T>(), m, gate.const_data_ptr<A>(),
-                                                    dp.const_data_ptr<A>(), x->const_data_ptr<T>(),
-                                                    mx->const_data_ptr<T>(), dm.const_data_ptr<A>(), dx_p, dres_p);
+                                                    a.dp.const_data_ptr<A>(), x->const_data_ptr<T>(),
+                                                    mx->const_data_ptr<T>(), a.dm.const_data_ptr<A>(), dx_p, dres_p);
       else
         input_grad_rows<T, kPerLane, kMask, kStream>(g, dy.const_data_ptr<T>(), m, gate.const_data_ptr<A>(),
-                                                     dp.const_data_ptr<A>(), dx_p, dres_p);
+                                                     a.dp.const_data_ptr<A>(), dx_p, dres_p);
     };
     with_bool(g.pixel_rows, [&](auto per_lane) {
       with_bool(out_relu, [&](auto masked) {
@@ -562,7 +515,7 @@ std::tuple<at::Tensor, at::Tensor> ca_input_grad_cpu(const at::Tensor& dy, const
       });
     });
   });
-  return {dx, dres};
+  return {a.dx, a.dres};
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "../ca_common.h"
 #include "../se_common.h"
 #include "se_tiles.h"
 
@@ -525,6 +526,96 @@ __global__ void __launch_bounds__(kThreads) weight_grads_sum_kernel(const A* __r
   out[j] = static_cast<T>(acc);
 }
 
+// ---- the generic channel-attention path's stage ops (se_kernels/attention.py) -------------------
+// ca_pool and ca_gate_grad are channel_sums_kernel (the splits' partials added after, in order),
+// ca_scale is scale_kernel and the average squeeze's ca_input_grad grad_input_kernel, given the
+// gates and dp = dmean / HW. The average + max squeeze adds ca_channel_max_kernel and
+// ca_grad_input_max_kernel.
+
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
+  return (a != a || a >= b) ? a : b;  // NaN wins, as torch.amax
+}
+
+// max[n, c] over the pixels (NaN if any is NaN) and ties[n, c], how many pixels equal it (0 for
+// NaN): first the max, then the count (the channel still in L1/L2). 1-D grid over (N, channel
+// blocks), laid out as channel_sums_kernel's: NCHW one warp per channel, lanes along the pixels;
+// channels_last 32 channels along x, 8 pixel lanes along y, combined through shared memory.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) ca_channel_max_kernel(const T* __restrict__ x, T* __restrict__ mx,
+                                                                  A* __restrict__ ties, Layout lay,
+                                                                  int64_t cblocks) {
+  const int64_t block = blockIdx.x % cblocks;
+  const int64_t n = blockIdx.x / cblocks;
+  if (!lay.pixel_rows) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t c = block * kWarps + warp;
+    if (c >= lay.C) return;
+    const T* __restrict__ row = x + (n * lay.C + c) * lay.L;
+    A best = static_cast<A>(row[0]);
+    for (int64_t l = lane; l < lay.L; l += 32) best = nan_max(best, static_cast<A>(row[l]));
+    for (int offset = 16; offset > 0; offset /= 2) best = nan_max(best, __shfl_xor_sync(0xffffffffu, best, offset));
+    A count = 0;
+    for (int64_t l = lane; l < lay.L; l += 32) count += static_cast<A>(static_cast<A>(row[l]) == best);
+    count = warp_sum(count);
+    if (lane == 0) {
+      mx[n * lay.C + c] = static_cast<T>(best);
+      ties[n * lay.C + c] = best != best ? A(0) : count;
+    }
+  } else {
+    __shared__ A part[8][32];
+    const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    const int64_t c = block * 32 + tx;
+    const bool live = c < lay.C;
+    A best = live ? static_cast<A>(x[lay.offset(n, c, 0)]) : A(0);
+    if (live)
+      for (int64_t l = ty; l < lay.L; l += 8) best = nan_max(best, static_cast<A>(x[lay.offset(n, c, l)]));
+    part[ty][tx] = best;
+    __syncthreads();
+    for (int k = 0; k < 8; ++k) best = nan_max(best, part[k][tx]);  // every ty: the same order, the same max
+    __syncthreads();
+    A count = 0;
+    if (live)
+      for (int64_t l = ty; l < lay.L; l += 8) count += static_cast<A>(static_cast<A>(x[lay.offset(n, c, l)]) == best);
+    part[ty][tx] = count;
+    __syncthreads();
+    if (ty == 0 && live) {
+      A total = 0;
+      for (int k = 0; k < 8; ++k) total += part[k][tx];
+      mx[n * lay.C + c] = static_cast<T>(best);
+      ties[n * lay.C + c] = best != best ? A(0) : total;
+    }
+  }
+}
+
+// The max squeeze's input gradient: dy' = dy masked by the relu mask; dx = dy' * g + dp + (x == max
+// ? dm : 0), dres = dy'; g, dp, max and dm per (n, c). One warp per row (grid-stride over the
+// rows), lanes along it: the (n, c) of an element from one division per row, none per element
+// (a 64-bit division per element is a called routine with a stack frame: it spilled on sm_90).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) ca_grad_input_max_kernel(
+    const T* __restrict__ dy, const uint8_t* __restrict__ mask, const A* __restrict__ gates, const A* __restrict__ dp,
+    const T* __restrict__ x, const T* __restrict__ mx, const A* __restrict__ dm, T* __restrict__ dx,
+    T* __restrict__ dres, Layout lay, int64_t rows) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t row = blockIdx.x * int64_t(kWarps) + warp; row < rows; row += int64_t(gridDim.x) * kWarps) {
+    const int64_t base = row * lay.row_len;
+    const int64_t v0 = lay.pixel_rows ? row / lay.L * lay.C : row;  // channels_last rows: (n, c) = v0 + col
+    const uint8_t* __restrict__ mrow = mask != nullptr ? mask + row * lay.row_bytes : nullptr;
+    for (int64_t col = lane; col < lay.row_len; col += 32) {
+      const int64_t i = base + col, v = lay.pixel_rows ? v0 + col : v0;
+      A d = static_cast<A>(dy[i]);
+      if (mrow != nullptr && !((mrow[col >> 3] >> (col & 7)) & 1)) d = A(0);
+      if (dres != nullptr) dres[i] = static_cast<T>(d);
+      if (dx != nullptr) {
+        A out = d * gates[v] + dp[v];
+        if (static_cast<A>(x[i]) == static_cast<A>(mx[v])) out += dm[v];
+        dx[i] = static_cast<T>(out);
+      }
+    }
+  }
+}
+
 // ---- host ----------------------------------------------------------------------------------------
 
 // A 1-D grid of `blocks` blocks (grid.x allows 2^31 - 1; y and z only 65535).
@@ -776,11 +867,131 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_res};
 }
 
+// ---- host: the stage ops ---------------------------------------------------------------------
+
+// (N, C) sums over the pixels of x (dot: of dy' * x) in the accumulation type.
+at::Tensor channel_sums(const at::Tensor& x, const at::Tensor* dy, const at::Tensor* mask, const Geometry& g) {
+  const auto acc_opts = x.options().dtype(accumulation_type(x.scalar_type()));
+  const Layout lay = make_layout(g);
+  const int64_t cblocks = channel_blocks(g);
+  const Splits sp = pixel_splits(g, cblocks);
+  at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ca_channel_sums_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* dyp = dy ? dy->const_data_ptr<scalar_t>() : nullptr;
+    (sums_vector<scalar_t>(g, x.const_data_ptr(), dyp) ? channel_sums_kernel<scalar_t, A, true>
+                                                       : channel_sums_kernel<scalar_t, A, false>)
+        <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), dyp, mask ? mask->const_data_ptr<uint8_t>() : nullptr,
+            partial.mutable_data_ptr<A>(), lay, sp.per_split, sp.splits, cblocks, dy != nullptr, mask != nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return sp.splits == 1 ? partial.select(1, 0) : partial.sum(1);  // the splits in order
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_pool_cuda(const at::Tensor& x, bool with_max) {
+  const Geometry g = ca::check_x(x);
+  check_cuda_inputs({x});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = accumulation_type(x.scalar_type());
+  const int64_t rows = with_max ? g.N : 0, cols = with_max ? g.C : 0;
+  at::Tensor mx = at::empty({rows, cols}, x.options());
+  at::Tensor ties = at::empty({rows, cols}, x.options().dtype(acc));
+  if (g.N == 0) return {at::empty({0, g.C}, x.options()), mx, ties};
+  at::Tensor mean = (channel_sums(x, nullptr, nullptr, g) / static_cast<double>(g.L)).to(x.scalar_type());
+  if (with_max) {
+    const int64_t cblocks = channel_blocks(g);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ca_pool_cuda", [&] {
+      using A = at::opmath_type<scalar_t>;
+      ca_channel_max_kernel<scalar_t, A><<<grid_1d(cblocks * g.N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          x.const_data_ptr<scalar_t>(), mx.mutable_data_ptr<scalar_t>(), ties.mutable_data_ptr<A>(), make_layout(g),
+          cblocks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {mean, mx, ties};
+}
+
+std::tuple<at::Tensor, at::Tensor> ca_scale_cuda(const at::Tensor& x, const at::Tensor& gate,
+                                                 const std::optional<at::Tensor>& residual, bool out_relu) {
+  const Geometry g = ca::check_x(x);
+  ca::check_vector(gate, x, "g");
+  if (residual.has_value()) ca::check_like_x(*residual, x, g, "residual");
+  check_cuda_inputs({x, gate});
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mask = empty_relu_mask(x, g, out_relu);
+  if (g.N == 0) return {y, mask};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ca_scale_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
+    scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)
+        <<<grid_1d(t.blocks()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+            out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gate.const_data_ptr<A>(), t, g.mask_row_bytes);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, mask};
+}
+
+at::Tensor ca_gate_grad_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, bool out_relu) {
+  const Geometry g = ca::check_x(x);
+  ca::check_like_x(dy, x, g, "grad_y");
+  ca::check_mask(mask, x, g, out_relu);
+  check_cuda_inputs({dy, x});
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (g.N == 0) return at::empty({0, g.C}, x.options().dtype(accumulation_type(x.scalar_type())));
+  return channel_sums(x, &dy, out_relu ? &mask : nullptr, g).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> ca_input_grad_cuda(const at::Tensor& dy, const at::Tensor& mask,
+                                                      const at::Tensor& gate, const at::Tensor& dmean,
+                                                      const std::optional<at::Tensor>& x,
+                                                      const std::optional<at::Tensor>& mx,
+                                                      const std::optional<at::Tensor>& dmax,
+                                                      const std::optional<at::Tensor>& ties, bool out_relu,
+                                                      bool need_grad_x, bool need_grad_residual) {
+  check_cuda_inputs({dy, gate, dmean});
+  const c10::cuda::CUDAGuard guard(dy.device());
+  ca::InputGrad a = ca::prepare_input_grad(dy, mask, gate, dmean, x, mx, dmax, ties, out_relu, need_grad_x,
+                                           need_grad_residual);
+  if (a.done) return {a.dx, a.dres};
+  const Geometry& g = a.g;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "ca_input_grad_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    scalar_t* dxp = need_grad_x ? a.dx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* drp = a.dres_out ? a.dres.mutable_data_ptr<scalar_t>() : nullptr;
+    const uint8_t* m = out_relu ? mask.const_data_ptr<uint8_t>() : nullptr;
+    if (a.with_max) {
+      const int64_t rows = g.N * g.rows;
+      const int64_t blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t(32) * multiprocessors());
+      ca_grad_input_max_kernel<scalar_t, A><<<grid_1d(blocks), kThreads, 0, stream>>>(
+          dy.const_data_ptr<scalar_t>(), m, gate.const_data_ptr<A>(), a.dp.const_data_ptr<A>(),
+          x->const_data_ptr<scalar_t>(), mx->const_data_ptr<scalar_t>(), a.dm.const_data_ptr<A>(), dxp, drp,
+          make_layout(g), rows);
+    } else {
+      const RowTiles t = element_tiles<scalar_t>(g, {dy.const_data_ptr(), dxp, drp});
+      grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
+          dy.const_data_ptr<scalar_t>(), m, gate.const_data_ptr<A>(), a.dp.const_data_ptr<A>(), dxp, drp, t,
+          g.mask_row_bytes);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {a.dx, a.dres};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(se_kernels, CUDA, m) {
   m.impl("se_forward", &se_forward_cuda);
   m.impl("se_backward", &se_backward_cuda);
+  m.impl("ca_pool", &ca_pool_cuda);
+  m.impl("ca_scale", &ca_scale_cuda);
+  m.impl("ca_gate_grad", &ca_gate_grad_cuda);
+  m.impl("ca_input_grad", &ca_input_grad_cuda);
 }
 
 }  // namespace se_kernels::cuda

@@ -254,17 +254,16 @@ def _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes,
 
 
 @triton.jit
-def _grad_tile_dy(dy_ptr, mask_ptr, C, L, s_n, s_c, s_l, row_bytes, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr,
-                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr):
-    """The backward element-wise kernels' tile (walked backwards, see _reversed_tile) and its dy'
-    (dy masked by the relu mask): (n, c, c_ok, inside, offsets, dy')."""
+def _tile_offsets(C, L, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr):
+    """The backward element-wise kernels' tile, walked backwards (see _reversed_tile): (n, c, l,
+    c_ok, inside, offsets). It takes no pointers: with dy_ptr passed through a helper that also
+    returned the tile, the mutation analysis of torch.compile's tracing took dy for an output
+    (tests/test_triton_aot.py::test_compiler_sees_the_triton_kernels)."""
     n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
     c_ok = c < C
     inside = c_ok[:, None] & (l < L)[None, :]
     offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
-    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
-                      BLOCK_C, BLOCK_L)
-    return n, c, c_ok, inside, offsets, dy
+    return n, c, l, c_ok, inside, offsets
 
 
 @triton.jit
@@ -553,8 +552,9 @@ def se_grad_input_kernel(
 ):
     """grad_x = dy' * g + dp and grad_residual = dy', 1-D grid over (N, C blocks, L blocks)
     tiles, walked backwards (see _reversed_tile)."""
-    n, c, c_ok, inside, offsets, dy = _grad_tile_dy(dy_ptr, mask_ptr, C, L, s_n, s_c, s_l, row_bytes, OUT_RELU,
-                                                    PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
+    n, c, l, c_ok, inside, offsets = _tile_offsets(C, L, s_n, s_c, s_l, BLOCK_C, BLOCK_L, WIDE)
+    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
+                      BLOCK_C, BLOCK_L)
     g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
     dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0)
     _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX, NEED_DRES)
@@ -688,8 +688,9 @@ def ca_grad_input_max_kernel(
 ):
     """se_grad_input_kernel's grad_x = dy' * g + dp plus the max squeeze's share, dm where x is
     the max; grad_residual = dy'."""
-    n, c, c_ok, inside, offsets, dy = _grad_tile_dy(dy_ptr, mask_ptr, C, L, s_n, s_c, s_l, row_bytes, OUT_RELU,
-                                                    PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
+    n, c, l, c_ok, inside, offsets = _tile_offsets(C, L, s_n, s_c, s_l, BLOCK_C, BLOCK_L, WIDE)
+    dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
+                      BLOCK_C, BLOCK_L)
     if NEED_DRES:
         tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside)
     if NEED_DX:
