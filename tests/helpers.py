@@ -136,6 +136,54 @@ FLOAT32_U = 2.0 ** -24
 ROUNDING_STEPS = 16
 
 
+def _gelu_terms(u):
+    erf = torch.erf(u * 0.5 ** 0.5).abs()
+    phi = torch.exp(-0.5 * u * u) / (2 * torch.pi) ** 0.5
+    return 0.5 * u.abs() * (1 + erf), 0.5 * (1 + erf) + u.abs() * phi
+
+
+def _hardswish_terms(u):
+    inside = (u > -3) & (u < 3)
+    a = u.abs()
+    return torch.where(inside, a * (a + 3) / 6, a), torch.where(inside, (2 * a + 3) / 6, (u >= 3).double())
+
+
+def _silu_terms(u):
+    s = torch.sigmoid(u)
+    return u.abs() * s, s * (1 + u.abs() * (1 + s))  # silu' = s (1 + u (1 - s))
+
+
+def _sigmoid_terms(u):
+    s = torch.sigmoid(u)
+    return s, s * (1 + s)  # s' = s (1 - s): 1 - s cancels where s is near 1
+
+
+# The magnitude of the terms a float32 evaluation of f(u) and f'(u) sums, where they cancel:
+# GELU's 0.5 u (1 + erf(u / sqrt 2)) loses its float32 digits as u falls (PyTorch's float32 F.gelu,
+# as the kernels, is about 1e-4 off in relative terms at u = -3 to -3.5 and wholly at u = -6: a
+# fuzz case with one hidden unit at u1 = -3.29 had a w2 gradient 40 floors off by the |f(u)| scale,
+# its true error 1.2e-4 relative), hardswish's u (u + 3) / 6 and
+# hardsigmoid's (u + 3) / 6 near u = -3, silu' and sigmoid' through 1 - sigmoid(u). Any other
+# function: |f(u)| and |f'(u)| (relative rounding).
+EVALUATION_MAGNITUDES = {
+    "gelu": _gelu_terms,
+    "hardswish": _hardswish_terms,
+    "hardsigmoid": lambda u: (torch.where((u > -3) & (u < 3), (u.abs() + 3) / 6, (u >= 3).double()),
+                              torch.full_like(u, 1 / 6)),
+    "silu": _silu_terms,
+    "sigmoid": _sigmoid_terms,
+}
+
+
+def evaluation_magnitudes(name: str, u, value, derivative):
+    """(magnitude of f(u), magnitude of f'(u)) for the function named `name` (see EVALUATION_MAGNITUDES)."""
+    terms = EVALUATION_MAGNITUDES.get(name)
+    if terms is None:
+        return value.abs(), derivative.abs()
+    mf, md = terms(u)
+    return torch.maximum(mf, value.abs()), torch.maximum(md, derivative.abs())
+
+
 def magnitudes64(inputs, dy, case: "Case") -> Dict[str, torch.Tensor]:
     """For y and every gradient, the float64 scale that float32 rounding errors in it are
     relative to: each sum taken over the absolute values of its terms, and each factor that is
@@ -143,7 +191,9 @@ def magnitudes64(inputs, dy, case: "Case") -> Dict[str, torch.Tensor]:
     sum's own rounding can move it (first order: |f'| times the sum's magnitude). Where terms
     cancel (a one-element db1 that is the small difference of large per-sample terms, a u1
     near 0, an act'(u1) near a zero of GELU' or hardswish'), ||ref|| is far below this scale
-    and a 1e-5 relative error is out of float32's reach, for eager PyTorch as for any kernel."""
+    and a 1e-5 relative error is out of float32's reach, for eager PyTorch as for any kernel.
+    Functions whose float32 evaluation cancels (GELU's 1 + erf(u / sqrt 2) for u << 0, hardswish's
+    u + 3 near -3) count at the magnitude of their terms (EVALUATION_MAGNITUDES)."""
     d = lambda t: t.double() if t is not None else None  # noqa: E731
     x, w1, b1, w2, b2, r = (d(inputs[k]) for k in ("x", "w1", "b1", "w2", "b2", "residual"))
     gy = d(dy)
@@ -170,21 +220,23 @@ def magnitudes64(inputs, dy, case: "Case") -> Dict[str, torch.Tensor]:
     h, dact, ddact = derivatives(reference.ACTIVATIONS[case.activation], u1)
     u2 = h @ w2.t() + (b2 if b2 is not None else 0)
     g, dgate, ddgate = derivatives(reference.GATES[case.gate], u2)
+    mh, mdact = evaluation_magnitudes(case.activation, u1, h, dact)
+    mg, mdgate = evaluation_magnitudes(case.gate, u2, g, dgate)
     y0 = x * g[:, :, None, None] + (r if r is not None else 0)
     mask = (y0 > 0).double() if case.out_activation == "relu" else torch.ones_like(y0)
     A = {}
     # forward
     ap = x.abs().mean((2, 3))
     au1 = ap @ w1.abs().t() + (b1.abs() if b1 is not None else 0)
-    ah = h.abs() + dact.abs() * au1
+    ah = mh + dact.abs() * au1
     au2 = ah @ w2.abs().t() + (b2.abs() if b2 is not None else 0)
-    ag = g.abs() + dgate.abs() * au2
+    ag = mg + dgate.abs() * au2
     A["y"] = x.abs() * ag[:, :, None, None] + (r.abs() if r is not None else 0)
     # backward
     dyp = gy.abs() * mask
     adg = (dyp * x.abs()).sum((2, 3))
-    adz = adg * (dgate.abs() + ddgate.abs() * au2)
-    ada = (adz @ w2.abs()) * (dact.abs() + ddact.abs() * au1)
+    adz = adg * (mdgate + ddgate.abs() * au2)
+    ada = (adz @ w2.abs()) * (mdact + ddact.abs() * au1)
     A["x"] = dyp * ag[:, :, None, None] + ((ada @ w1.abs()) / hw)[:, :, None, None]
     A["w1"] = ada.t() @ ap
     A["b1"] = ada.sum(0)
