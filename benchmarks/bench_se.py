@@ -42,8 +42,9 @@ from shapes import SHAPE_SETS, ShapeSet, custom_set, shape_set
 from torch import nn
 from tqdm import tqdm
 
-from se_kernels import FusedSE, available_backends, fused_channel_attention
+from se_kernels import FusedSE, available_backends
 from se_kernels.attention import CA_BACKENDS
+from se_kernels.channel_attention import FusedChannelAttention
 from se_kernels.reference import ReferenceSE
 
 MODES = ("forward", "backward", "full")
@@ -92,47 +93,46 @@ def default_providers(device: torch.device) -> List[str]:
     return [p for p in provider_names(device) if not (p == "triton" and device.type == "cpu")]
 
 
-class Excite(nn.Module):
-    """The excitation of an ECA site (Conv1d of kernel s over the pooled channels) or an ESE site
-    (a 1x1 convolution C -> C), then the site's gate: what timm's modules compute from the pool."""
+def timm_attention(site) -> nn.Module:
+    """timm's own module of an ECA site (EcaModule, kernel s) or an ESE site (EffectiveSEModule,
+    hard sigmoid; hgnet's EseModule, sigmoid)."""
+    if site.kind == "eca":
+        from timm.layers.eca import EcaModule
 
-    def __init__(self, site):
-        super().__init__()
-        self.gate = nn.Sigmoid() if site.gate == "sigmoid" else nn.Hardsigmoid()
-        if site.kind == "eca":
-            self.conv = nn.Conv1d(1, 1, site.s, padding=site.s // 2, bias=False)
-        else:
-            self.fc = nn.Conv2d(site.c, site.c, 1)
+        return EcaModule(kernel_size=site.s)
+    if site.gate == "hardsigmoid":
+        from timm.layers.squeeze_excite import EffectiveSEModule
 
-    def forward(self, p: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "conv"):
-            return self.gate(self.conv(p.view(p.shape[0], 1, -1))).view(p.shape[0], -1)
-        return self.gate(self.fc(p[:, :, None, None])).flatten(1)
+        return EffectiveSEModule(site.c)
+    from timm.models.hgnet import EseModule
+
+    return EseModule(site.c)
 
 
 class AttentionReference(nn.Module):
-    """Eager ECA / ESE (timm's forward), with the residual + relu epilogue when asked."""
+    """timm's ECA / ESE module as it is, then the residual + relu epilogue when asked."""
 
     def __init__(self, site, out_activation: Optional[str]):
         super().__init__()
-        self.excite, self.out_relu = Excite(site), out_activation == "relu"
+        self.attention, self.out_relu = timm_attention(site), out_activation == "relu"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = x * self.excite(x.mean((2, 3)))[:, :, None, None]
+        y = self.attention(x)
         y = y + residual if residual is not None else y
         return torch.relu(y) if self.out_relu else y
 
 
-class AttentionFused(AttentionReference):
-    """The same through se_kernels.fused_channel_attention."""
+class AttentionFused(nn.Module):
+    """What a user gets: the same timm module converted (FusedChannelAttention.from_module), the
+    epilogue fused; the state_dict keys are the reference's."""
 
     def __init__(self, site, out_activation: Optional[str], backend: str):
-        super().__init__(site, out_activation)
-        self.backend = backend
+        super().__init__()
+        self.attention = FusedChannelAttention.from_module(timm_attention(site), out_activation=out_activation,
+                                                           backend=backend)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return fused_channel_attention(x, self.excite, residual=residual, backend=self.backend,
-                                       out_activation="relu" if self.out_relu else None)
+        return self.attention(x, residual)
 
 
 def site_module(case: Case, provider: str) -> nn.Module:

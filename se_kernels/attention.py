@@ -262,9 +262,10 @@ def _check_arguments(x, excite, squeeze, residual, out_activation, backend) -> N
 
 
 def _resolve(backend: str, device_type: str) -> str:
-    if ops.onnx_exporting() or torch.compiler.is_compiling():
-        return "torch"  # the standard ops: exporters and Inductor take them as they are
-    # every backend has the stage kernels: the SE op's choice (SE_KERNELS_BACKEND included)
+    if torch.compiler.is_compiling():
+        return "torch"  # the standard ops: Inductor and export take them as they are
+    # every backend has the stage kernels: the SE op's choice (SE_KERNELS_BACKEND included;
+    # "torch" inside torch.onnx.export)
     return ops.resolve_backend(backend, device_type)
 
 
@@ -300,7 +301,9 @@ def fused_channel_attention(
         return _reference(x, excite, with_max, residual, out_relu)
     x_k = ops.as_kernel_layout(x)
     residual_k = ops.like_layout(residual, x_k) if residual is not None else None
-    params: Tuple[torch.Tensor, ...] = tuple(excite.parameters()) if isinstance(excite, nn.Module) else ()
+    params: Tuple[torch.Tensor, ...] = ()
+    if torch.is_grad_enabled() and isinstance(excite, nn.Module):  # not walked where nothing is recorded
+        params = tuple(excite.parameters())
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (residual is not None and residual.requires_grad) or any(p.requires_grad for p in params)
     )

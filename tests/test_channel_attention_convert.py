@@ -158,6 +158,63 @@ def test_float64_output_and_every_gradient_equal(name):
     assert_matches(step(fused, x, dy), step(original, x, dy), 1e-12, name)
 
 
+@pytest.mark.parametrize("name", ["ese", "hgnet_ese", "se_bn_train", "eca", "ceca", "ceca_k7"])
+def test_excitation_convolutions_run_without_conv_ops(name):
+    """Plain 1x1 Conv2d steps run as F.linear and ECA's one-channel Conv1d as a shifted sum: no
+    convolution op runs, forward or backward, and the values and gradients are the original's."""
+    original = build(name)
+    fused = FusedChannelAttention.from_module(copy.deepcopy(original), backend="cpu")
+    x, dy = inputs()
+    with torch.profiler.profile() as prof:
+        got = step(fused, x, dy)
+    assert not [e.name for e in prof.events() if "conv" in e.name], name
+    assert_matches(got, step(original, x, dy), 1e-12, name)
+
+
+def test_eca_convolution_under_autocast_and_on_short_vectors_is_the_layer():
+    """Under autocast (the convolution would run in bfloat16) and where the padded vector is
+    shorter than the kernel (the layer raises), the Conv1d layer itself runs."""
+    original = build("eca_k5_any_channels", torch.float32).eval()
+    fused = FusedChannelAttention.from_module(copy.deepcopy(original), backend="cpu")
+    x = torch.randn(2, 16, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        got = fused(x)
+    assert "aten::conv1d" in {e.name for e in prof.events()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(got, original(x))
+    short = EcaModule(kernel_size=9)
+    short.conv.padding = (0,)
+    with pytest.raises(RuntimeError):
+        FusedChannelAttention.from_module(short, backend="cpu")(torch.randn(2, 4, 3, 3))
+
+
+def test_pointwise_convs_run_as_linear_unless_hooked_or_not_plain():
+    """A plain 1x1 Conv2d step runs as F.linear (no conv2d call), with the same values and the
+    gradients on the same Parameters; a hooked conv runs through its module (the hooks see the
+    call), and a grouped 1x1 conv too."""
+    original = build("se_bn_eval")
+    fused = FusedChannelAttention.from_module(copy.deepcopy(original), backend="cpu")
+    x, dy = inputs()
+    with torch.profiler.profile() as prof:
+        got = step(fused, x, dy)
+    names = {e.name for e in prof.events()}
+    assert "aten::linear" in names and "aten::conv2d" not in names
+    assert_matches(got, step(original, x, dy), 1e-12)
+    calls = []
+    fused.fc1.register_forward_hook(lambda *args: calls.append("fc1"))
+    fused.fc2.register_forward_pre_hook(lambda *args: calls.append("fc2"))
+    assert_matches(step(fused, x, dy), step(original, x, dy), 1e-12, "hooked")
+    assert calls == ["fc1", "fc2"]
+    grouped = SEModule(C, rd_ratio=0.25)
+    grouped.fc1 = nn.Conv2d(C, grouped.fc1.out_channels, 1, groups=2)
+    grouped = grouped.double()
+    fused = FusedChannelAttention.from_module(copy.deepcopy(grouped), backend="cpu")
+    with torch.profiler.profile() as prof:
+        got = step(fused, x, dy)
+    assert "aten::conv2d" in {e.name for e in prof.events()}
+    assert_matches(got, step(grouped, x, dy), 1e-12, "grouped")
+
+
 @NATIVE_CPU
 @pytest.mark.parametrize("name", ["ese_add_maxpool", "eca_use_mlp", "se_bn_train", "tv_mish"])
 def test_float64_residual_relu_epilogue(name):
