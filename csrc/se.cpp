@@ -49,4 +49,9 @@ TORCH_LIBRARY(se_kernels, m) {
       "ca_input_grad(Tensor grad_y, Tensor relu_mask, Tensor g, Tensor dmean, Tensor? x, Tensor? max, "
       "Tensor? dmax, Tensor? ties, bool out_relu, bool need_grad_x, bool need_grad_residual) "
       "-> (Tensor grad_x, Tensor grad_residual)");
+  // ECA's forward in one plan (inference: no autograd; csrc/cpu/se_cpu.cpp): the pool, the k-tap
+  // convolution along the channels with the gate per sample, and the scale.
+  m.def(
+      "ca_eca_forward(Tensor x, Tensor weight, Tensor? bias, int padding, str gate, Tensor? residual, "
+      "bool out_relu) -> (Tensor y, Tensor relu_mask)");
 }

@@ -64,6 +64,10 @@ def _register_fakes() -> None:
     def _(x, g, residual, out_relu):
         return torch.empty_like(x), mask(x, out_relu)
 
+    @torch.library.register_fake("se_kernels::ca_eca_forward")
+    def _(x, weight, bias, padding, gate, residual, out_relu):
+        return torch.empty_like(x), mask(x, out_relu)
+
     @torch.library.register_fake("se_kernels::ca_gate_grad")
     def _(dy, x, relu_mask, out_relu):
         return vector(x)

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from . import reference
-from .attention import CA_BACKENDS, fused_channel_attention
-from .flavours import PAD_CIRCULAR, AttentionFlavour, UnsupportedSE, describe_attention
+from . import ops, reference
+from .attention import CA_BACKENDS, _check_arguments, _resolve, fused_channel_attention
+from .flavours import PAD_CIRCULAR, AttentionFlavour, UnsupportedSE, _function_name, describe_attention
+from .reference import GATES
 
 CA_MODULE_BACKENDS = ("auto",) + CA_BACKENDS
 _OWN_NAMES = frozenset({"kind", "squeeze", "pooled", "steps", "padding", "channels", "probe_channels",
-                        "out_activation", "backend", "_excitation"})
+                        "out_activation", "backend", "_excitation", "_gate_probe"})
 
 
 def _is_pointwise_conv(layer: nn.Module) -> bool:
@@ -36,15 +37,15 @@ def _is_pointwise_conv(layer: nn.Module) -> bool:
     )
 
 
-def _is_channel_conv1d(layer: nn.Module, y: torch.Tensor) -> bool:
-    """ECA's convolution along the channels: a Conv1d from one channel to one, zero padding,
-    stride and dilation 1, no hooks, outside autocast (which would run the convolution in a
-    narrower dtype)."""
+def _is_channel_conv1d(layer: nn.Module, length: int, device_type: str) -> bool:
+    """ECA's convolution along the channels of a (N, 1, length) vector: a Conv1d from one
+    channel to one, zero padding, stride and dilation 1, a kernel no longer than the padded
+    vector, no hooks, outside autocast (which would run the convolution in a narrower dtype)."""
     return (
         type(layer) is nn.Conv1d and layer.in_channels == 1 and layer.out_channels == 1 and layer.groups == 1
         and layer.stride == (1,) and layer.dilation == (1,) and isinstance(layer.padding, tuple)
-        and layer.padding_mode == "zeros" and y.shape[-1] + 2 * layer.padding[0] >= layer.kernel_size[0]
-        and not torch.is_autocast_enabled(y.device.type)
+        and layer.padding_mode == "zeros" and length + 2 * layer.padding[0] >= layer.kernel_size[0]
+        and not torch.is_autocast_enabled(device_type)
         and not (layer._forward_hooks or layer._forward_pre_hooks or _global_hooks())
     )
 
@@ -166,15 +167,64 @@ class FusedChannelAttention(nn.Module):
             if y.dim() == 4 and y.shape[2:] == (1, 1) and _is_pointwise_conv(layer):
                 weight = layer.weight.reshape(layer.out_channels, layer.in_channels)
                 y = F.linear(y.reshape(n, -1), weight, layer.bias).reshape(n, layer.out_channels, 1, 1)
-            elif y.dim() == 3 and y.shape[1] == 1 and _is_channel_conv1d(layer, y):
+            elif y.dim() == 3 and y.shape[1] == 1 and _is_channel_conv1d(layer, y.shape[-1], y.device.type):
                 y = _shifted_sum(y, layer)
             else:
                 y = layer(y)
         return y.reshape(n, c)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self._eca_inference(x, residual)
+        if y is not None:
+            return y
         return fused_channel_attention(x, self._excitation, squeeze=self.squeeze, residual=residual,
                                        out_activation=self.out_activation, backend=self.backend)
+
+    def _gate_name(self, gate: nn.Module) -> Optional[str]:
+        """"sigmoid" or "hardsigmoid" if `gate` computes one of them (torch's or timm's classes,
+        recognised by flavours' probe, once per gate object), else None."""
+        cached = self.__dict__.get("_gate_probe")
+        if cached is None or cached[0] is not gate:
+            try:
+                name = _function_name(gate, GATES, "gate", self.kind)
+            except UnsupportedSE:
+                name = None
+            cached = (gate, name)
+            object.__setattr__(self, "_gate_probe", cached)  # not a child, not in the state_dict
+        return cached[1]
+
+    def _eca_inference(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """ECA (timm EcaModule: a one-channel Conv1d, then a sigmoid or hard-sigmoid gate) where
+        nothing needs a gradient, on the cpu backend, in float32/float64: one native op
+        (se_kernels::ca_eca_forward) that pools, convolves and gates per sample and scales while
+        the sample is still in cache, where the generic path's two passes read x twice. None
+        where it does not apply (the generic path then runs)."""
+        if self.steps != ("conv", "gate") or self.pooled != "n1c" or self.squeeze != "avg":
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float64) or x.dim() != 4:
+            return None
+        conv, gate = self.conv, self.gate
+        params = (conv.weight,) + ((conv.bias,) if conv.bias is not None else ())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
+                                        or (isinstance(residual, torch.Tensor) and residual.requires_grad)):
+            return None
+        if not (_is_channel_conv1d(conv, x.shape[1], x.device.type) and 2 * conv.padding[0] + 1 == conv.kernel_size[0]
+                and all(p.dtype == x.dtype and p.device == x.device for p in params)):
+            return None
+        _check_arguments(x, self._excitation, self.squeeze, residual, self.out_activation, self.backend)
+        if _resolve(self.backend, x.device.type) != "cpu" or gate._forward_hooks or gate._forward_pre_hooks:
+            return None
+        gate_name = self._gate_name(gate)
+        if gate_name is None:
+            return None
+        x_k = ops.as_kernel_layout(x)
+        residual_k = ops.like_layout(residual, x_k) if residual is not None else None
+        weight = conv.weight.detach().reshape(-1).contiguous()
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return torch.ops.se_kernels.ca_eca_forward(x_k, weight, bias, conv.padding[0], gate_name, residual_k,
+                                                   self.out_activation == "relu")[0]
 
     def __prepare_scriptable__(self):
         raise RuntimeError(

@@ -158,6 +158,112 @@ def test_float64_output_and_every_gradient_equal(name):
     assert_matches(step(fused, x, dy), step(original, x, dy), 1e-12, name)
 
 
+def eca_module(kernel_size, gate=None, bias=False, dtype=torch.float64):
+    torch.manual_seed(kernel_size)
+    module = EcaModule(kernel_size=kernel_size)
+    if bias:
+        module.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=True)
+    if gate is not None:
+        module.gate = gate
+    return module.to(dtype).eval()
+
+
+def ops_called(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.name for e in prof.events()}
+
+
+@NATIVE_CPU
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,kernel_size", [((4, 24, 6, 5), 3), ((3, 70, 7, 7), 5), ((2, 2, 3, 1), 7),
+                                               ((5, 9, 1, 1), 3), ((0, 8, 3, 3), 3), ((3, 33, 11, 13), 9)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_eca_inference_is_one_op_equal_to_the_original(dtype, shape, kernel_size, layout, epilogue):
+    """ECA without gradients runs as se_kernels::ca_eca_forward alone (no stage op, no
+    convolution), and gives the original's output (float64 to 1e-13, float32 to 1e-6), every
+    element written (poisoned allocations), with the residual + relu epilogue too."""
+    original = eca_module(kernel_size, dtype=dtype)
+    fused = FusedChannelAttention.from_module(copy.deepcopy(original), out_activation="relu" if epilogue else None,
+                                              backend="cpu")
+    g = torch.Generator().manual_seed(sum(shape) + kernel_size)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    residual = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if epilogue else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, called = ops_called(lambda: fused(x, residual))
+        if shape[0] == 0:  # timm's EcaModule cannot view an empty batch; the empty output
+            want = torch.empty(shape, dtype=dtype)
+        else:
+            want = original(x) if residual is None else torch.relu(original(x) + residual)
+    assert "se_kernels::ca_eca_forward" in called
+    assert not [name for name in called if "ca_pool" in name or "ca_scale" in name or "conv" in name]
+    assert y.shape == want.shape and y.dtype == dtype
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(y, want, rtol=tol, atol=tol)
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("gate,bias", [(nn.Hardsigmoid(), False), (nn.Sigmoid(), True)])
+def test_eca_inference_gates_and_bias(gate, bias):
+    original = eca_module(5, gate=gate, bias=bias)
+    fused = FusedChannelAttention.from_module(copy.deepcopy(original), backend="cpu")
+    x = torch.randn(3, 40, 5, 5, dtype=torch.float64) * 3
+    with torch.no_grad():
+        y, called = ops_called(lambda: fused(x))
+        assert "se_kernels::ca_eca_forward" in called
+        torch.testing.assert_close(y, original(x), rtol=1e-13, atol=1e-13)
+
+
+@NATIVE_CPU
+def test_eca_inference_only_where_it_applies():
+    """Where a gradient is wanted, in bfloat16, under autocast, with a hooked gate or another
+    gate class, the generic path runs (and still matches)."""
+    original = eca_module(5, dtype=torch.float32)
+    fused = FusedChannelAttention.from_module(copy.deepcopy(original), backend="cpu")
+    x = torch.randn(2, 16, 4, 4)
+    _, called = ops_called(lambda: fused(x))  # grad mode, parameters require grad
+    assert "se_kernels::ca_eca_forward" not in called and "se_kernels::ca_pool" in called
+    with torch.no_grad():
+        _, called = ops_called(lambda: fused(x.bfloat16()))
+        assert "se_kernels::ca_eca_forward" not in called
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, called = ops_called(lambda: fused(x))
+        assert "se_kernels::ca_eca_forward" not in called
+        handle = fused.gate.register_forward_hook(lambda *args: None)
+        _, called = ops_called(lambda: fused(x))
+        assert "se_kernels::ca_eca_forward" not in called
+        handle.remove()
+        tanh_gated = FusedChannelAttention.from_module(eca_module(5, gate=nn.Tanh(), dtype=torch.float32))
+        y, called = ops_called(lambda: tanh_gated(x))
+        assert "se_kernels::ca_eca_forward" not in called
+        torch.testing.assert_close(y, eca_module(5, gate=nn.Tanh(), dtype=torch.float32)(x))
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("out_relu", [False, True])
+def test_opcheck_eca_forward(out_relu):
+    x = torch.randn(3, 20, 5, 6)
+    residual = torch.randn(3, 20, 5, 6)
+    args = (x, torch.randn(5), torch.randn(1), 2, "sigmoid", residual, out_relu)
+    torch.library.opcheck(torch.ops.se_kernels.ca_eca_forward, args)
+
+
+@NATIVE_CPU
+def test_eca_forward_op_refuses_bad_arguments():
+    x = torch.randn(2, 8, 3, 3)
+    op = torch.ops.se_kernels.ca_eca_forward
+    with pytest.raises(ValueError, match="2 \\* padding \\+ 1"):
+        op(x, torch.randn(4), None, 2, "sigmoid", None, False)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        op(x.bfloat16(), torch.randn(5).bfloat16(), None, 2, "sigmoid", None, False)
+    with pytest.raises(ValueError, match="gate"):
+        op(x, torch.randn(5), None, 2, "tanh", None, False)
+
+
 @pytest.mark.parametrize("name", ["ese", "hgnet_ese", "se_bn_train", "eca", "ceca", "ceca_k7"])
 def test_excitation_convolutions_run_without_conv_ops(name):
     """Plain 1x1 Conv2d steps run as F.linear and ECA's one-channel Conv1d as a shifted sum: no

@@ -23,7 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../se_common.h"
+#include "../ca_common.h"
 #include "mlp.h"
 #include "rows.h"
 
@@ -277,6 +277,17 @@ void scale_rows(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   });
 }
 
+// The forward plan: pool (P), excite(n0, n1) the gates G of samples [n0, n1) from P, scale.
+template <typename T, typename Excite>
+void run_forward_plan(const ForwardArgs<T>& a, const Excite& excite) {
+  using A = acc_t<T>;
+  run_plan(
+      a.g, make_plan(a.g, sizeof(T), sizeof(A)), a.P, /*mean=*/true, a.stream, /*write_pass=*/true,
+      [&](int64_t b, int64_t e) { pool_nchw_rows(a, b, e); },
+      [&](int64_t n, int64_t k, A* part) { pool_pixel_chunk(a, n, k, part); }, excite,
+      [&](int64_t n, int64_t r0, int64_t r1) { scale_rows(a, n, r0, r1); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forward_cpu(
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
     const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& residual, c10::string_view activation,
@@ -312,17 +323,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
                             gate_logits.mutable_data_ptr<A>(),
                             gates.mutable_data_ptr<A>(),
                             use_streaming_stores<scalar_t>(y, g)};
-    run_plan(
-        g, make_plan(g, sizeof(scalar_t), sizeof(A)), a.P, /*mean=*/true, a.stream, /*write_pass=*/true,
-        [&](int64_t b, int64_t e) { pool_nchw_rows(a, b, e); },
-        [&](int64_t n, int64_t k, A* part) { pool_pixel_chunk(a, n, k, part); },
-        [&](int64_t n0, int64_t n1) {
-          mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C,
-                      a.G + n0 * g.C);
-        },
-        [&](int64_t n, int64_t r0, int64_t r1) { scale_rows(a, n, r0, r1); });
+    run_forward_plan(a, [&](int64_t n0, int64_t n1) {
+      mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C, a.G + n0 * g.C);
+    });
   });
   return {y, pooled, hidden, gate_logits, relu_mask};
+}
+
+// ---------------------------------------------------------------------------------------
+// ECA's forward on the same plan: the pool, then per sample the convolution along the
+// channels and the gate, then the scale; x is read once where a tile of samples stays in cache
+// (the generic path's stages read it twice). The convolution is k taps over the zero-padded
+// pooled vector, added in tap order: out = p[c - pad] * w[0], then out = out + p[c - pad + j] *
+// w[j], then + bias, which is how se_kernels/channel_attention.py's excitation sums it.
+// float32/float64 only: there the pooled vector, the taps and the gate are in x's dtype, as the
+// original module computes them.
+
+template <typename A>
+void eca_taps(const A* p, int64_t C, const A* w, int64_t k, int64_t pad, const A* bias, A* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    auto value = [&](int64_t i) { return i >= 0 && i < C ? p[i] : A(0); };
+    A acc = value(c - pad) * w[0];
+    for (int64_t j = 1; j < k; ++j) {
+      const A term = value(c - pad + j) * w[j];
+      acc = acc + term;
+    }
+    out[c] = bias != nullptr ? acc + *bias : acc;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ca_eca_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, int64_t padding,
+                                                      c10::string_view gate,
+                                                      const std::optional<at::Tensor>& residual, bool out_relu) {
+  const Gate gt = parse_gate(gate);
+  const Geometry g = ca::check_x(x);
+  TORCH_CHECK(x.device().is_cpu(), "se_kernels: the cpu kernels take CPU tensors; x is on ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "se_kernels: ca_eca_forward takes float32 or float64 x; got ", x.scalar_type());
+  TORCH_CHECK_VALUE(padding >= 0 && weight.dim() == 1 && weight.size(0) == 2 * padding + 1 &&
+                        weight.scalar_type() == x.scalar_type() && weight.is_contiguous() && weight.is_cpu(),
+                    "se_kernels: ca_eca_forward's weight must be a contiguous (2 * padding + 1,) tensor in x's "
+                    "dtype on the CPU; got ", weight.sizes(), " ", weight.scalar_type(), " with padding ", padding);
+  if (bias.has_value())
+    TORCH_CHECK_VALUE(bias->numel() == 1 && bias->scalar_type() == x.scalar_type() && bias->is_cpu(),
+                      "se_kernels: ca_eca_forward's bias must be one value in x's dtype; got ", bias->sizes(), " ",
+                      bias->scalar_type());
+  if (residual.has_value()) ca::check_like_x(*residual, x, g, "residual");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor relu_mask = empty_relu_mask(x, g, out_relu);
+  if (g.N == 0) return {y, relu_mask};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ca_eca_forward_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    static_assert(std::is_same_v<A, scalar_t>);
+    at::Tensor pooled = at::empty({g.N, g.C}, x.options());
+    at::Tensor logits = at::empty({g.N, g.C}, x.options());
+    at::Tensor gates = at::empty({g.N, g.C}, x.options());
+    const A bias_value = bias.has_value() ? bias->item<A>() : A(0);
+    const A* w = weight.const_data_ptr<A>();
+    ForwardArgs<scalar_t> a{g,
+                            x.const_data_ptr<scalar_t>(),
+                            residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr,
+                            y.mutable_data_ptr<scalar_t>(),
+                            out_relu ? relu_mask.mutable_data_ptr<uint8_t>() : nullptr,
+                            MlpWeights<A>{},
+                            pooled.mutable_data_ptr<A>(),
+                            nullptr,
+                            nullptr,
+                            logits.mutable_data_ptr<A>(),
+                            gates.mutable_data_ptr<A>(),
+                            use_streaming_stores<scalar_t>(y, g)};
+    run_forward_plan(a, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        eca_taps(a.P + n * g.C, g.C, w, weight.size(0), padding, bias.has_value() ? &bias_value : nullptr,
+                 a.U2 + n * g.C);
+        apply_gate(gt, a.U2 + n * g.C, a.G + n * g.C, g.C);
+      }
+    });
+  });
+  return {y, relu_mask};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -536,6 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_IMPL(se_kernels, CPU, m) {
   m.impl("se_forward", &se_forward_cpu);
   m.impl("se_backward", &se_backward_cpu);
+  m.impl("ca_eca_forward", &ca_eca_forward_cpu);
 }
 
 }  // namespace se_kernels::cpu
