@@ -28,8 +28,6 @@ namespace {
 
 using namespace se_kernels::ca;
 
-constexpr int64_t kGrainElements = 1 << 15;
-
 // Outputs (y, dx, dres) of at least this many bytes are written with streaming stores (no
 // read-for-ownership: the pass moves one byte per output byte instead of two, and leaves the
 // cache to x). Not from 8 MiB on as the fused SE op: there the tile re-read from cache is what
@@ -142,25 +140,10 @@ void input_grad_flat(const Geometry& g, const T* dy, const float* gate, const fl
       });
 }
 
-// f(std::true_type) or f(std::false_type) for a runtime bool.
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
-int64_t grain_rows(int64_t row_len) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_len));
-}
-
 // ---- pool ----------------------------------------------------------------------------------
 
-// channels_last sums over a sample's L pixels: partial sums of kPixelChunk pixels each, added in
-// order (as the fused SE op's pooling). One running sum per channel over every pixel lost up to
-// 1e-5 of the mean at 256x256 maps in float32, enough to flip relu decisions downstream.
-constexpr int64_t kPixelChunk = 64;
+// channels_last sums over a sample's L pixels: partial sums of kPixelChunk pixels each (rows.h),
+// added in order, as the fused SE op's pooling.
 
 template <typename A, typename F>
 void chunked_columns(const Geometry& g, A* out, A* part, F&& sum_rows) {

@@ -8,6 +8,8 @@
 
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "vec8.h"
@@ -16,6 +18,27 @@ namespace se_kernels::cpu {
 
 template <typename T>
 using acc_t = at::opmath_type<T>;
+
+// What the SE op (se_cpu.cpp) and the generic path's stages (channel_attention.cpp) share, so
+// that their pools give the same bits and their passes split work alike:
+// channels_last pooling adds partial sums of kPixelChunk pixels in order (one running sum per
+// channel over a 256x256 map lost 1e-5 of the mean in float32); parallel passes hand each task
+// about kGrainElements elements.
+constexpr int64_t kPixelChunk = 64;
+constexpr int64_t kGrainElements = 1 << 15;
+
+inline int64_t grain_rows(int64_t row_len) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_len));
+}
+
+// f(std::true_type) or f(std::false_type) for a runtime bool.
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
 
 // ---- Row reductions (NCHW rows: one result per row) ---------------------------------------
 // A row's reduction: 8-lane vector accumulation over its first n - n % 8 elements, a lane

@@ -30,18 +30,9 @@
 namespace se_kernels::cpu {
 namespace {
 
-constexpr int64_t kPixelChunk = 64;          // channels_last pixels per pooling partial
-constexpr int64_t kGrainElements = 1 << 15;  // elements per task in the split path's phases
-
 template <typename F>
 void with_bools(bool a, bool b, F&& f) {
-  using T = std::true_type;
-  using F_ = std::false_type;
-  if (a) {
-    if (b) f(T{}, T{}); else f(T{}, F_{});
-  } else {
-    if (b) f(F_{}, T{}); else f(F_{}, F_{});
-  }
+  with_bool(a, [&](auto ta) { with_bool(b, [&](auto tb) { f(ta, tb); }); });
 }
 
 struct CacheSizes {
@@ -117,10 +108,6 @@ void for_sample_rows(int64_t b, int64_t e, int64_t rows, F&& f) {
     f(n, r0, r1);
     b += r1 - r0;
   }
-}
-
-int64_t grain_rows(int64_t row_len) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_len));
 }
 
 template <typename A>

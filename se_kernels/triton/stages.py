@@ -44,14 +44,10 @@ class _Launch:
         return dict(PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=plan.block_c, BLOCK_L=plan.block_l, WIDE=g.wide)
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _sums(run: _Launch, x, dy, mask_arg, dot: bool) -> torch.Tensor:
     """(N, C) pixel sums of x (dot: of dy' * x): the splits' partials added in order."""
     g, plan = run.g, run.plan
-    partial = torch.empty((g.N, plan.splits, g.C), device=x.device, dtype=_acc(x))
+    partial = torch.empty((g.N, plan.splits, g.C), device=x.device, dtype=ops.accumulation_dtype(x.dtype))
     kernels.channel_sums_kernel[run.sums_grid](
         x, dy, mask_arg, partial, g.C, g.L, *g.strides, g.row_bytes, plan.per_split, plan.splits,
         DOT=dot, OUT_RELU=dot and g.out_relu, **run.flags(), num_warps=launch._sums_warps(dot),
@@ -62,7 +58,7 @@ def _sums(run: _Launch, x, dy, mask_arg, dot: bool) -> torch.Tensor:
 def pool(x, with_max: bool):
     n, c = x.shape[:2]
     vectors = (n, c) if with_max else (0, 0)
-    mx, ties = x.new_empty(vectors), x.new_empty(vectors, dtype=_acc(x))
+    mx, ties = x.new_empty(vectors), x.new_empty(vectors, dtype=ops.accumulation_dtype(x.dtype))
     if n == 0:
         return x.new_empty((0, c)), mx, ties
     run = _Launch(x, out_relu=False)
@@ -95,7 +91,7 @@ def scale(x, gates, residual, out_relu: bool):
 def gate_grad(dy, x, mask, out_relu: bool):
     run = _Launch(x, out_relu)
     if run.g.N == 0:
-        return x.new_empty(x.shape[:2], dtype=_acc(x))
+        return x.new_empty(x.shape[:2], dtype=ops.accumulation_dtype(x.dtype))
     with launch._on_device(x):
         return _sums(run, x, dy, mask if out_relu else dy, dot=True)
 
