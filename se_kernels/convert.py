@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
-from .channel_attention import CA_MODULE_BACKENDS, FusedChannelAttention
+from .channel_attention import FusedChannelAttention
 from .flavours import UnsupportedSE, describe, describe_attention, same_output
 from .functional import check_options
 from .modules import FusedSE
@@ -34,8 +34,8 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
     FusedChannelAttention (the generic path: fused squeeze and scale, the original's own layers
     as the excitation): those SE modules with another activation or gate, a norm layer or
     add_maxpool, timm's EffectiveSEModule, hgnet EseModule, EcaModule, CecaModule and
-    GatherExcite with a global extent. FusedChannelAttention has no 'triton' or 'cuda' stage
-    kernels: with those backends it gets 'auto' (on GPUs, the unfused composition).
+    GatherExcite with a global extent. Both get `backend` (every backend has the generic
+    path's stage kernels).
 
     Each replacement holds the original's children themselves (same Parameter objects and
     buffers, at the same state_dict keys), so optimizers built before the conversion keep
@@ -100,8 +100,7 @@ def _generic_replacement(name: str, module: nn.Module, backend: str, report: Con
             if fused_se_reason is not None:  # a FusedSE flavour describe_attention does not take (none today)
                 report.skipped.append((name, fused_se_reason))
             return None
-        fused = FusedChannelAttention.from_flavour(flavour, backend=backend if backend in CA_MODULE_BACKENDS
-                                                   else "auto")
+        fused = FusedChannelAttention.from_flavour(flavour, backend=backend)
     except UnsupportedSE as reason:
         report.skipped.append((name, str(reason)))
         return None
