@@ -63,7 +63,11 @@ def _extensions():
     # -Werror=switch: a switch over the options (Act, Gate: csrc/se_options.h) that misses one
     # does not compile; they have no default cases. nvcc's device front end has no such check:
     # the option math is __host__ __device__, and the host compiler checks it.
-    cxx = opt + ["-fopenmp", "-fno-math-errno", "-Werror=switch"] + _cpu_isa_flags()
+    # -ffp-contract=off: the arithmetic is as written, fused multiply-adds only where a kernel
+    # asks for one (at::vec::fmadd). GCC otherwise fuses a * b + c at will (its vector intrinsics
+    # included), so the same formula could round differently in a vector body and its tail, or in
+    # two instantiations of one loop (the relu-masked and unmasked gate-gradient sums did).
+    cxx = opt + ["-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Werror=switch"] + _cpu_isa_flags()
     link = ["-fopenmp"]
     print(f"se_kernels: building {'CPU + CUDA' if use_cuda else 'CPU'} kernels, cxx flags {cxx}")
     if use_cuda:

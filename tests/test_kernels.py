@@ -179,12 +179,14 @@ def test_nan_propagates_like_reference(backend, gate, out_activation):
 
 @NATIVE_CPU
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(6, 48, 7, 7), (5, 72, 4, 4), (3, 8, 40, 40)])
-def test_results_do_not_depend_on_threads_or_batch(channels_last, shape):
+@pytest.mark.parametrize("shape", [(6, 48, 7, 7), (5, 72, 4, 4), (3, 8, 40, 40), (4, 13, 5, 3)])
+@pytest.mark.parametrize("out_activation", ["relu", None])
+def test_results_do_not_depend_on_threads_or_batch(channels_last, shape, out_activation):
     """Per-sample results (y, grad_x, and the per-sample vectors) are bit-identical whatever the
     thread count and whichever other samples share the batch: the launch plan (per-sample tiles
-    or split phases) changes only who computes, not the arithmetic."""
-    case = Case(shape, shape[1] // 4, "gelu", "sigmoid", True, True, "relu", channels_last)
+    or split phases) changes only who computes, not the arithmetic. Without the relu, 7x7 and
+    5x3 NCHW maps take the flat walk (13 * 15 odd: sample 1 starts unaligned in the batch)."""
+    case = Case(shape, max(1, shape[1] // 4), "gelu", "sigmoid", True, True, out_activation, channels_last)
     inputs = make_inputs(case, torch.float32, fresh_seed())
     dy = torch.randn(shape)
     threads = torch.get_num_threads()
@@ -207,6 +209,48 @@ def test_results_do_not_depend_on_threads_or_batch(channels_last, shape):
     assert torch.equal(y_alone, y1[1:2])
     assert torch.equal(g_alone["x"], g1["x"][1:2])
     assert torch.equal(g_alone["residual"], g1["residual"][1:2])
+
+
+# NCHW maps with H*W >= 8 not a multiple of 8 are walked flat where no relu mask is written
+# (rows.h: walk_flat_rows); C * H*W odd here, so samples start unaligned. The last shape's y is
+# 8.6 MB: streaming stores.
+FLAT_SHAPES = [(5, 13, 7, 7), (3, 7, 3, 3), (4, 9, 14, 14), (4, 1023, 23, 23)]
+
+
+@NATIVE_CPU
+@pytest.mark.parametrize("shape", FLAT_SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_flat_walk_matches_row_walk(shape, residual):
+    """The flat walk (no relu) against the row walk (relu epilogue, mask written) on the same
+    inputs, bit for bit: y_relu == relu(y) in the forward of the SE op and of the ECA op; with
+    inputs and residual positive (every mask bit set) grad_x is the same both ways. At 1, 2
+    and 3 threads (the tiled and the split plan)."""
+    n, c = shape[:2]
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = torch.rand(shape, generator=gen) + 0.1
+    r = torch.rand(shape, generator=gen) + 0.1 if residual else None
+    s = max(1, c // 4)
+    w1, w2 = torch.randn(s, c, generator=gen) * 0.3, torch.randn(c, s, generator=gen) * 0.3
+    taps = torch.randn(5, generator=gen)
+    dy = torch.randn(shape, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            out = {}
+            for relu in (None, "relu"):
+                xl = x.clone().requires_grad_()
+                y = fused_se(xl, w1, None, w2, None, residual=r, out_activation=relu, backend="cpu")
+                y.backward(dy)
+                out[relu] = (y.detach(), xl.grad)
+            assert torch.equal(out["relu"][0], torch.relu(out[None][0])), t
+            assert bool((out[None][0] > 0).all())  # so the relu passed every gradient
+            assert torch.equal(out["relu"][1], out[None][1]), t
+            eca = [torch.ops.se_kernels.ca_eca_forward(x, taps, None, 2, "sigmoid", r, relu)[0]
+                   for relu in (False, True)]
+            assert torch.equal(eca[1], torch.relu(eca[0])), t
+    finally:
+        torch.set_num_threads(threads)
 
 
 @NATIVE_CPU

@@ -44,65 +44,27 @@ bool streams(const at::Tensor& out, const Geometry& g, bool flat) {
   return (flat || g.row_len % 8 == 0) && reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 32 == 0;
 }
 
-// ---- flat NCHW walks -------------------------------------------------------------------------
-// NCHW rows whose length L = H*W is not a multiple of 8 (7x7, 14x14) end in a scalar tail each
-// and start unaligned. Where every row's operand is one value per row (the gate, dp), the
-// element-wise passes instead walk the whole tensor as one flat array in aligned vectors of 8:
-// a vector crosses at most one row boundary (L >= 8), where its lanes take the two rows'
-// values. The arithmetic per element is the row walk's vector arithmetic.
+// ---- flat NCHW walks (rows.h) ----------------------------------------------------------------
+// The whole tensor is one span: every row's gate exists before the pass.
 bool flat_rows(const Geometry& g) {
-  return !g.pixel_rows && g.L >= 8 && g.L % 8 != 0;
+  return cpu::flat_rows(g.L, g.pixel_rows);
 }
 
-// f(i, vals) for every aligned 8-vector of the flat [0, n) (n = rows * L), parallel over rows,
-// where vals are the per-row operands as vectors: row(r) broadcasts row r's K values. Row r
-// takes the vectors that start in it: its whole-row vectors (a tight loop with vals = row(r))
-// and the one crossing into row r + 1 (each lane the value of its own row); its first lanes are
-// the previous row's crossing vector's. tail(i, row) for the last n % 8 elements.
-template <int K>
-using RowVecs = std::array<Vec, K>;
-
-template <int K, typename Row, typename F, typename Tail>
-void for_flat_vectors(int64_t rows, int64_t L, bool stream, Row&& row, F&& f, Tail&& tail) {
-  const int64_t n = rows * L, whole = n / 8 * 8;
-  const Vec lane = Vec::arange(0.f, 1.f);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / L), [&](int64_t r0, int64_t r1) {
-    RowVecs<K> here = row(r0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t begin = (r * L + 7) / 8 * 8, end = (r + 1) * L;
-      const int64_t cross = end / 8 * 8;  // the vector holding row r's last elements
-      for (int64_t i = begin; i < cross; i += 8) f(i, here);
-      const RowVecs<K> next = r + 1 < rows ? row(r + 1) : here;
-      if (cross < end && cross + 8 <= whole) {
-        const Vec in_row = lane < Vec(static_cast<float>(end - cross));
-        RowVecs<K> mixed;
-        for (int k = 0; k < K; ++k) mixed[k] = Vec::blendv(next[k], here[k], in_row);
-        f(cross, mixed);
-      }
-      here = next;
-    }
+// body(r0, r1, lo, hi) over the rows of x in parallel, the span the whole tensor.
+template <typename Body>
+void for_flat_rows(const Geometry& g, bool stream, const Body& body) {
+  const int64_t rows = g.N * g.C;
+  at::parallel_for(0, rows, grain_rows(g.L), [&](int64_t r0, int64_t r1) {
+    body(r0, r1, int64_t(0), rows * g.L);
     if (stream) stream_fence();
   });
-  for (int64_t i = whole; i < n; ++i) tail(i, i / L);
 }
 
 template <typename T, bool kResidual, bool kStream>
 void scale_flat(const Geometry& g, const T* x, const float* gate, const T* r, T* y) {
-  for_flat_vectors<1>(
-      g.N * g.C, g.L, kStream, [&](int64_t row) { return RowVecs<1>{Vec(gate[row])}; },
-      [&](int64_t i, const RowVecs<1>& v) {
-        Vec out = load8(x + i) * v[0];
-        if constexpr (kResidual) out = out + load8(r + i);
-        if constexpr (kStream)
-          stream8(y + i, out);
-        else
-          store8(y + i, out);
-      },
-      [&](int64_t i, int64_t row) {
-        float out = static_cast<float>(x[i]) * gate[row];
-        if constexpr (kResidual) out += static_cast<float>(r[i]);
-        y[i] = static_cast<T>(out);
-      });
+  for_flat_rows(g, kStream, [&](int64_t r0, int64_t r1, int64_t lo, int64_t hi) {
+    scale_flat_rows<T, kResidual, kStream>(x, gate, r, y, r0, r1, g.L, lo, hi);
+  });
 }
 
 // dx = dy * g + dp (+ [x == max] * dm) over the flat tensor: no relu mask (the mask's bit rows
@@ -110,34 +72,25 @@ void scale_flat(const Geometry& g, const T* x, const float* gate, const T* r, T*
 template <typename T, bool kMax, bool kStream>
 void input_grad_flat(const Geometry& g, const T* dy, const float* gate, const float* dp, const T* x, const T* mx,
                      const float* dm, T* dx) {
-  constexpr int K = kMax ? 4 : 2;
-  for_flat_vectors<K>(
-      g.N * g.C, g.L, kStream,
-      [&](int64_t row) {
-        RowVecs<K> v;
-        v[0] = Vec(gate[row]);
-        v[1] = Vec(dp[row]);
-        if constexpr (kMax) {
-          v[2] = Vec(static_cast<float>(mx[row]));
-          v[3] = Vec(dm[row]);
-        }
-        return v;
-      },
-      [&](int64_t i, const RowVecs<K>& v) {
-        Vec out = at::vec::fmadd(load8(dy + i), v[0], v[1]);
-        if constexpr (kMax) out = out + ((load8(x + i) == v[2]) & v[3]);
-        if constexpr (kStream)
-          stream8(dx + i, out);
-        else
-          store8(dx + i, out);
-      },
-      [&](int64_t i, int64_t row) {
-        float out = static_cast<float>(dy[i]) * gate[row] + dp[row];
-        if constexpr (kMax) {
-          if (static_cast<float>(x[i]) == static_cast<float>(mx[row])) out += dm[row];
-        }
-        dx[i] = static_cast<T>(out);
-      });
+  for_flat_rows(g, kStream, [&](int64_t r0, int64_t r1, int64_t lo, int64_t hi) {
+    if constexpr (!kMax) {
+      grad_flat_rows<T, kStream>(dy, gate, dp, dx, r0, r1, g.L, lo, hi);
+    } else {
+      walk_flat_rows<4>(
+          r0, r1, g.L, lo, hi,
+          [&](int64_t row) {
+            return RowVecs<4>{Vec(gate[row]), Vec(dp[row]), Vec(static_cast<float>(mx[row])), Vec(dm[row])};
+          },
+          [&](int64_t i, int64_t count, const RowVecs<4>& v) {
+            Vec out = at::vec::fmadd(load8n(dy + i, count), v[0], v[1]);
+            out = out + ((load8n(x + i, count) == v[2]) & v[3]);
+            if (kStream && count == 8)
+              stream8(dx + i, out);
+            else
+              store8n(dx + i, out, count);
+          });
+    }
+  });
 }
 
 // ---- pool ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
 
@@ -226,8 +227,19 @@ inline void scale_row(const T* x, const acc_t<T>* g, const T* r, T* y, uint8_t* 
       else
         store8(y + i, v);
     }
-  }
-  if constexpr (kVecs == 0 || !kVectorized<T>) {
+    if constexpr (kVecs == 0) {
+      if (i < n) {  // the row's last n % 8 elements as one partial vector: the same arithmetic
+        const int64_t count = n - i;
+        Vec v = load8n(x + i, count) * (kPerLane ? load8n(g + i, count) : g_row);
+        if constexpr (kResidual) v = v + load8n(r + i, count);
+        if constexpr (kRelu) {
+          mask[i >> 3] = positive_bits(v) & static_cast<uint8_t>((1u << count) - 1);
+          v = at::vec::maximum(v, zero);
+        }
+        store8n(y + i, v, count);
+      }
+    }
+  } else {
     uint8_t bits = 0;
     for (; i < n; ++i) {
       A v = static_cast<A>(x[i]) * (kPerLane ? g[i] : g[0]);
@@ -277,8 +289,20 @@ inline void grad_row(const T* dy, const uint8_t* mask, const acc_t<T>* g, const 
           store8(dx + i, at::vec::fmadd(d, gv, dpv));
       }
     }
-  }
-  if constexpr (kVecs == 0 || !kVectorized<T>) {
+    if constexpr (kVecs == 0) {
+      if (i < n) {  // the row's last n % 8 elements as one partial vector: the same arithmetic
+        const int64_t count = n - i;
+        Vec d = load8n(dy + i, count);
+        if constexpr (kMask) d = keep_lanes(d, mask[i >> 3]);
+        if (dres) store8n(dres + i, d, count);
+        if (dx) {
+          const Vec gv = kPerLane ? load8n(g + i, count) : g_row;
+          const Vec dpv = kPerLane ? load8n(dp + i, count) : dp_row;
+          store8n(dx + i, at::vec::fmadd(d, gv, dpv), count);
+        }
+      }
+    }
+  } else {
     for (; i < n; ++i) {
       A d = static_cast<A>(dy[i]);
       if constexpr (kMask) d = mask_bit(mask, i) ? d : A(0);
@@ -303,6 +327,85 @@ inline void with_row_vecs(int64_t n, F&& f) {
       default: f(std::integral_constant<int, 0>{}); break;
     }
   }
+}
+
+// ---- Flat NCHW walks ---------------------------------------------------------------------
+// NCHW rows whose length L = H*W is not a multiple of 8 (7x7, 14x14) end in a scalar tail each
+// and start unaligned. Where each row's operands are one value per row (the gate, dp), the
+// element-wise passes instead walk the rows as one flat array in aligned vectors of 8: a vector
+// crosses at most one row boundary (L >= 8), and there its lanes take the two rows' values.
+inline bool flat_rows(int64_t L, bool pixel_rows) {
+  return !pixel_rows && L >= 8 && L % 8 != 0;
+}
+
+template <int K>
+using RowVecs = std::array<Vec, K>;
+
+// f(i, count, vals) over rows [r0, r1) of L elements (L >= 8), element i of row r at flat index
+// r * L: count == 8 for an aligned vector i..i+7, vals the per-row operands of each lane (row(r)
+// broadcasts row r's K values). Vectors stay inside the span [lo, hi) the rows belong to (one
+// sample of the fused SE plan, where the next sample's gate may not exist yet; the whole tensor
+// for the stage kernels); the span's first and last unaligned elements come as one partial
+// vector each (count < 8, i unaligned, one row). Row r takes the vectors that start in it, the
+// one crossing into row r + 1 included, so the lanes of a range's first row that the previous
+// row's crossing vector holds belong to whoever walks that row: which elements go in a full
+// vector depends only on i, L and the span, never on how a pass splits the rows.
+template <int K, typename Row, typename F>
+inline void walk_flat_rows(int64_t r0, int64_t r1, int64_t L, int64_t lo, int64_t hi, const Row& row, const F& f) {
+  const Vec lane = Vec::arange(0.f, 1.f);
+  RowVecs<K> here = row(r0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t start = r * L, end = start + L;
+    int64_t i = (start + 7) / 8 * 8;
+    if (start == lo && i != start) f(start, i - start, here);
+    const int64_t cross = end / 8 * 8;  // the vector holding row r's last elements
+    for (; i < cross; i += 8) f(i, int64_t(8), here);
+    if (cross == end) {
+      if (r + 1 < r1) here = row(r + 1);
+    } else if (cross + 8 <= hi) {
+      const RowVecs<K> next = row(r + 1);
+      const Vec in_row = lane < Vec(static_cast<float>(end - cross));
+      RowVecs<K> mixed;
+      for (int k = 0; k < K; ++k) mixed[k] = Vec::blendv(next[k], here[k], in_row);
+      f(cross, int64_t(8), mixed);
+      here = next;
+    } else {
+      f(cross, end - cross, here);  // the span's last row
+    }
+  }
+}
+
+// y = x * g[row] (+ r) over rows [r0, r1) of a flat walk (T vectorized); kStream: y's full
+// vectors with streaming stores (y 32-byte aligned).
+template <typename T, bool kResidual, bool kStream>
+inline void scale_flat_rows(const T* x, const float* gate, const T* r, T* y, int64_t r0, int64_t r1, int64_t L,
+                            int64_t lo, int64_t hi) {
+  walk_flat_rows<1>(
+      r0, r1, L, lo, hi, [&](int64_t row) { return RowVecs<1>{Vec(gate[row])}; },
+      [&](int64_t i, int64_t count, const RowVecs<1>& v) {
+        Vec out = load8n(x + i, count) * v[0];
+        if constexpr (kResidual) out = out + load8n(r + i, count);
+        if (kStream && count == 8)
+          stream8(y + i, out);
+        else
+          store8n(y + i, out, count);
+      });
+}
+
+// dx = dy * g[row] + dp[row] over rows [r0, r1) of a flat walk (no relu mask: its bit rows follow
+// the rows); kStream as in scale_flat_rows.
+template <typename T, bool kStream>
+inline void grad_flat_rows(const T* dy, const float* gate, const float* dp, T* dx, int64_t r0, int64_t r1, int64_t L,
+                           int64_t lo, int64_t hi) {
+  walk_flat_rows<2>(
+      r0, r1, L, lo, hi, [&](int64_t row) { return RowVecs<2>{Vec(gate[row]), Vec(dp[row])}; },
+      [&](int64_t i, int64_t count, const RowVecs<2>& v) {
+        const Vec out = at::vec::fmadd(load8n(dy + i, count), v[0], v[1]);
+        if (kStream && count == 8)
+          stream8(dx + i, out);
+        else
+          store8n(dx + i, out, count);
+      });
 }
 
 }  // namespace se_kernels::cpu

@@ -92,11 +92,13 @@ Plan make_plan(const Geometry& g, int64_t reread_bytes_per_element, int64_t acc_
 // not stay cached for the next layer anyway; smaller outputs are stored normally.
 constexpr int64_t kStreamingStoreBytes = int64_t(8) << 20;
 
+// flat: the pass walks NCHW rows flat (rows.h's walk_flat_rows), whatever the row length.
 template <typename T>
-bool use_streaming_stores(const at::Tensor& out, const Geometry& g) {
+bool use_streaming_stores(const at::Tensor& out, const Geometry& g, bool flat) {
   if (!kVectorized<T> || out.numel() * static_cast<int64_t>(sizeof(T)) < kStreamingStoreBytes) return false;
-  // every 8-element vector store must be aligned: 8-aligned row lengths from a 32-byte base
-  return g.row_len % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+  // every 8-element vector store must be aligned: 8-aligned row lengths (or a flat walk) from a
+  // 32-byte base
+  return (flat || g.row_len % 8 == 0) && reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
 }
 
 // Calls f(n, r0, r1) for the rows [b, e) of the flattened (N, rows) index space.
@@ -242,9 +244,27 @@ void pool_pixel_chunk(const ForwardArgs<T>& a, int64_t n, int64_t k, acc_t<T>* p
   sum_columns(a.x + (n * g.L + p0) * g.C, p1 - p0, g.C, part);
 }
 
+// The forward's scale walks NCHW rows flat where it can: without the relu mask (whose bit rows
+// follow the rows), rows of L >= 8 not a multiple of 8. Vectors stay inside the sample (the span):
+// the next sample's gate may not exist yet.
+template <typename T>
+bool flat_scale(const Geometry& g, bool relu_mask) {
+  return kVectorized<T> && !relu_mask && flat_rows(g.L, g.pixel_rows);
+}
+
 template <typename T>
 void scale_rows(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   const Geometry& g = a.g;
+  if constexpr (kVectorized<T>) {
+    if (flat_scale<T>(g, a.mask != nullptr)) {
+      const int64_t first = n * g.rows, lo = first * g.L, hi = lo + g.rows * g.L;
+      with_bools(a.residual != nullptr, a.stream, [&](auto has_residual, auto streamed) {
+        scale_flat_rows<T, decltype(has_residual)::value, decltype(streamed)::value>(
+            a.x, a.G, a.residual, a.y, first + r0, first + r1, g.L, lo, hi);
+      });
+      return;
+    }
+  }
   with_bools(a.residual != nullptr, a.mask != nullptr, [&](auto has_residual, auto relu) {
     constexpr bool kRes = decltype(has_residual)::value, kRelu = decltype(relu)::value;
     with_bools(a.stream, g.pixel_rows, [&](auto streamed, auto pixel_rows) {
@@ -309,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
                             z.mutable_data_ptr<A>(),
                             gate_logits.mutable_data_ptr<A>(),
                             gates.mutable_data_ptr<A>(),
-                            use_streaming_stores<scalar_t>(y, g)};
+                            use_streaming_stores<scalar_t>(y, g, flat_scale<scalar_t>(g, out_relu))};
     run_forward_plan(a, [&](int64_t n0, int64_t n1) {
       mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C, a.G + n0 * g.C);
     });
@@ -379,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> ca_eca_forward_cpu(const at::Tensor& x, const
                             nullptr,
                             logits.mutable_data_ptr<A>(),
                             gates.mutable_data_ptr<A>(),
-                            use_streaming_stores<scalar_t>(y, g)};
+                            use_streaming_stores<scalar_t>(y, g, flat_scale<scalar_t>(g, out_relu))};
     run_forward_plan(a, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         eca_taps(a.P + n * g.C, g.C, w, weight.size(0), padding, bias.has_value() ? &bias_value : nullptr,
@@ -432,9 +452,25 @@ void gate_grad_pixel_chunk(const BackwardArgs<T>& a, int64_t n, int64_t k, acc_t
     dot_columns<T, false>(a.dy + off, a.x + off, nullptr, 0, p1 - p0, g.C, part);
 }
 
+// The backward's grad_x pass walks NCHW rows flat as the forward's scale (flat_scale), where it
+// writes grad_x alone (no relu mask, so no grad_residual either).
+template <typename T>
+bool flat_grad(const Geometry& g, bool relu_mask, bool grad_residual) {
+  return flat_scale<T>(g, relu_mask) && !grad_residual;
+}
+
 template <typename T>
 void grad_rows(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   const Geometry& g = a.g;
+  if constexpr (kVectorized<T>) {
+    if (a.dx && flat_grad<T>(g, a.mask != nullptr, a.dres != nullptr)) {
+      const int64_t first = n * g.rows, lo = first * g.L, hi = lo + g.rows * g.L;
+      with_bool(a.stream, [&](auto streamed) {
+        grad_flat_rows<T, decltype(streamed)::value>(a.dy, a.G, a.DP, a.dx, first + r0, first + r1, g.L, lo, hi);
+      });
+      return;
+    }
+  }
   with_bools(g.pixel_rows, a.mask != nullptr, [&](auto pixel_rows, auto masked) {
     constexpr bool kPerLane = decltype(pixel_rows)::value, kMask = decltype(masked)::value;
     with_bools(a.stream, false, [&](auto streamed, auto) {
@@ -537,8 +573,10 @@ void run_backward_kernels(const at::Tensor& grad_y, const at::Tensor& x, const a
         out.dz2.mutable_data_ptr<A>(),
         out.dz1.mutable_data_ptr<A>(),
         dp.mutable_data_ptr<A>(),
-        use_streaming_stores<scalar_t>(call.need_grad_x ? out.grad_x : out.grad_residual, g) &&
-            (!call.need_grad_residual || use_streaming_stores<scalar_t>(out.grad_residual, g))};
+        use_streaming_stores<scalar_t>(
+            call.need_grad_x ? out.grad_x : out.grad_residual, g,
+            call.need_grad_x && flat_grad<scalar_t>(g, call.out_relu, call.need_grad_residual)) &&
+            (!call.need_grad_residual || use_streaming_stores<scalar_t>(out.grad_residual, g, false))};
     run_plan(
         g, make_plan(g, 2 * sizeof(scalar_t), sizeof(A)), a.DG, /*mean=*/false, a.stream,
         /*write_pass=*/a.dx || a.dres, [&](int64_t b, int64_t e) { gate_grad_nchw_rows(a, b, e); },

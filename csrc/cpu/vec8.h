@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -66,6 +67,24 @@ inline void store8(c10::Half* p, const Vec& v) {
 #else
   at::vec::convert_from_float<c10::Half>(v, v).store(p, 8);
 #endif
+}
+
+// load8 / store8 of the first `count` elements at p (count <= 8; the other lanes load as 0),
+// through an 8-element buffer, so that a partial vector gets exactly a full vector's arithmetic.
+template <typename T>
+inline Vec load8n(const T* p, int64_t count) {
+  if (count == 8) return load8(p);
+  T t[8] = {};
+  std::copy(p, p + count, t);
+  return load8(t);
+}
+
+template <typename T>
+inline void store8n(T* p, const Vec& v, int64_t count) {
+  if (count == 8) return store8(p, v);
+  T t[8];
+  store8(t, v);
+  std::copy(t, t + count, p);
 }
 
 // store8 with a non-temporal (streaming) store where the ISA has one: the line goes to memory
