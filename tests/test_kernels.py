@@ -211,46 +211,69 @@ def test_results_do_not_depend_on_threads_or_batch(channels_last, shape, out_act
     assert torch.equal(g_alone["residual"], g1["residual"][1:2])
 
 
-# NCHW maps with H*W >= 8 not a multiple of 8 are walked flat where no relu mask is written
-# (rows.h: walk_flat_rows); C * H*W odd here, so samples start unaligned. The last shape's y is
-# 8.6 MB: streaming stores.
+# NCHW maps with H*W >= 8 not a multiple of 8 are walked flat (rows.h: walk_flat_rows); C * H*W
+# odd here, so samples start unaligned. The last shape's y is 8.6 MB: streaming stores.
 FLAT_SHAPES = [(5, 13, 7, 7), (3, 7, 3, 3), (4, 9, 14, 14), (4, 1023, 23, 23)]
+
+
+def _packed_rows(positive: torch.Tensor) -> torch.Tensor:
+    """The relu mask's format for NCHW x: per (n, c) row, bit i of byte i // 8 = element i > 0,
+    each row padded with zero bits to whole bytes."""
+    n, c, h, w = positive.shape
+    bits = positive.reshape(n, c, h * w)
+    bits = torch.nn.functional.pad(bits, (0, -(h * w) % 8)).reshape(n, c, -1, 8).to(torch.int64)
+    return (bits << torch.arange(8)).sum(-1).to(torch.uint8)
 
 
 @NATIVE_CPU
 @pytest.mark.parametrize("shape", FLAT_SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_flat_walk_matches_row_walk(shape, residual):
-    """The flat walk (no relu) against the row walk (relu epilogue, mask written) on the same
-    inputs, bit for bit: y_relu == relu(y) in the forward of the SE op and of the ECA op; with
-    inputs and residual positive (every mask bit set) grad_x is the same both ways. At 1, 2
-    and 3 threads (the tiled and the split plan)."""
+def test_flat_walk_relu_mask_and_gradients(shape, residual):
+    """Without the relu epilogue these maps take the flat walk; with it (a relu mask to write)
+    the row walk. Bit for bit, the one against the other on the same inputs: y_relu == relu(y);
+    the relu mask is (y > 0) in its row format; grad_x with the relu is grad_x without it for dy
+    masked by y > 0, and grad_residual that masked dy; the same for the ECA op's y and mask; and
+    every result the same at 1, 2 and 3 threads (the tiled and the split plan)."""
     n, c = shape[:2]
     gen = torch.Generator().manual_seed(fresh_seed())
-    x = torch.rand(shape, generator=gen) + 0.1
-    r = torch.rand(shape, generator=gen) + 0.1 if residual else None
+    x = torch.randn(shape, generator=gen)
+    r = torch.randn(shape, generator=gen) if residual else None
     s = max(1, c // 4)
     w1, w2 = torch.randn(s, c, generator=gen) * 0.3, torch.randn(c, s, generator=gen) * 0.3
     taps = torch.randn(5, generator=gen)
     dy = torch.randn(shape, generator=gen)
-    threads = torch.get_num_threads()
+    se = torch.ops.se_kernels
+
+    def grads(out_activation, grad_y):
+        xl = x.clone().requires_grad_()
+        rl = r.clone().requires_grad_() if residual else None
+        fused_se(xl, w1, None, w2, None, residual=rl, out_activation=out_activation, backend="cpu").backward(grad_y)
+        return xl.grad, rl.grad if residual else None
+
+    threads, results = torch.get_num_threads(), []
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            out = {}
-            for relu in (None, "relu"):
-                xl = x.clone().requires_grad_()
-                y = fused_se(xl, w1, None, w2, None, residual=r, out_activation=relu, backend="cpu")
-                y.backward(dy)
-                out[relu] = (y.detach(), xl.grad)
-            assert torch.equal(out["relu"][0], torch.relu(out[None][0])), t
-            assert bool((out[None][0] > 0).all())  # so the relu passed every gradient
-            assert torch.equal(out["relu"][1], out[None][1]), t
-            eca = [torch.ops.se_kernels.ca_eca_forward(x, taps, None, 2, "sigmoid", r, relu)[0]
-                   for relu in (False, True)]
-            assert torch.equal(eca[1], torch.relu(eca[0])), t
+            y = se.se_forward(x, w1, None, w2, None, r, "relu", "sigmoid", None)[0]
+            y_relu, *_, mask = se.se_forward(x, w1, None, w2, None, r, "relu", "sigmoid", "relu")
+            positive = y > 0
+            assert torch.equal(y_relu, torch.relu(y)), t
+            assert torch.equal(mask.reshape(n, c, -1), _packed_rows(positive)), t
+            dx_relu, dres_relu = grads("relu", dy)
+            masked = torch.where(positive, dy, torch.zeros_like(dy))
+            dx_masked, _ = grads(None, masked)
+            assert torch.equal(dx_relu, dx_masked), t
+            if residual:
+                assert torch.equal(dres_relu, masked), t
+            eca, _ = se.ca_eca_forward(x, taps, None, 2, "sigmoid", r, False)
+            eca_relu, eca_mask = se.ca_eca_forward(x, taps, None, 2, "sigmoid", r, True)
+            assert torch.equal(eca_relu, torch.relu(eca)), t
+            assert torch.equal(eca_mask.reshape(n, c, -1), _packed_rows(eca > 0)), t
+            results.append((y_relu, mask, dx_relu, eca_relu))
     finally:
         torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
 @NATIVE_CPU

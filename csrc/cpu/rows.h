@@ -330,8 +330,8 @@ inline void with_row_vecs(int64_t n, F&& f) {
 }
 
 // ---- Flat NCHW walks ---------------------------------------------------------------------
-// NCHW rows whose length L = H*W is not a multiple of 8 (7x7, 14x14) end in a scalar tail each
-// and start unaligned. Where each row's operands are one value per row (the gate, dp), the
+// NCHW rows whose length L = H*W is not a multiple of 8 (7x7, 14x14) end in a partial vector
+// each and start unaligned (no streaming stores). Where each row's operands are one value per row (the gate, dp), the
 // element-wise passes instead walk the rows as one flat array in aligned vectors of 8: a vector
 // crosses at most one row boundary (L >= 8), and there its lanes take the two rows' values.
 inline bool flat_rows(int64_t L, bool pixel_rows) {
@@ -348,8 +348,9 @@ using RowVecs = std::array<Vec, K>;
 // for the stage kernels); the span's first and last unaligned elements come as one partial
 // vector each (count < 8, i unaligned, one row). Row r takes the vectors that start in it, the
 // one crossing into row r + 1 included, so the lanes of a range's first row that the previous
-// row's crossing vector holds belong to whoever walks that row: which elements go in a full
-// vector depends only on i, L and the span, never on how a pass splits the rows.
+// row's crossing vector holds belong to whoever walks that row. A partial vector gets a full
+// vector's arithmetic (load8n / store8n), so no element's value depends on the span or on how a
+// pass splits the rows.
 template <int K, typename Row, typename F>
 inline void walk_flat_rows(int64_t r0, int64_t r1, int64_t L, int64_t lo, int64_t hi, const Row& row, const F& f) {
   const Vec lane = Vec::arange(0.f, 1.f);
