@@ -84,10 +84,7 @@ void input_grad_flat(const Geometry& g, const T* dy, const float* gate, const fl
           [&](int64_t i, int64_t count, const RowVecs<4>& v) {
             Vec out = at::vec::fmadd(load8n(dy + i, count), v[0], v[1]);
             out = out + ((load8n(x + i, count) == v[2]) & v[3]);
-            if (kStream && count == 8)
-              stream8(dx + i, out);
-            else
-              store8n(dx + i, out, count);
+            put8n<kStream>(dx + i, out, count);
           });
     }
   });

@@ -331,9 +331,10 @@ inline void with_row_vecs(int64_t n, F&& f) {
 
 // ---- Flat NCHW walks ---------------------------------------------------------------------
 // NCHW rows whose length L = H*W is not a multiple of 8 (7x7, 14x14) end in a partial vector
-// each and start unaligned (no streaming stores). Where each row's operands are one value per row (the gate, dp), the
-// element-wise passes instead walk the rows as one flat array in aligned vectors of 8: a vector
-// crosses at most one row boundary (L >= 8), and there its lanes take the two rows' values.
+// each and start unaligned (no streaming stores). Where each row's operands are one value per
+// row (the gate, dp), the element-wise passes instead walk the rows as one flat array in aligned
+// vectors of 8: a vector crosses at most one row boundary (L >= 8), and there its lanes take the
+// two rows' values.
 inline bool flat_rows(int64_t L, bool pixel_rows) {
   return !pixel_rows && L >= 8 && L % 8 != 0;
 }
@@ -386,10 +387,7 @@ inline void scale_flat_rows(const T* x, const float* gate, const T* r, T* y, int
       [&](int64_t i, int64_t count, const RowVecs<1>& v) {
         Vec out = load8n(x + i, count) * v[0];
         if constexpr (kResidual) out = out + load8n(r + i, count);
-        if (kStream && count == 8)
-          stream8(y + i, out);
-        else
-          store8n(y + i, out, count);
+        put8n<kStream>(y + i, out, count);
       });
 }
 
@@ -401,11 +399,7 @@ inline void grad_flat_rows(const T* dy, const float* gate, const float* dp, T* d
   walk_flat_rows<2>(
       r0, r1, L, lo, hi, [&](int64_t row) { return RowVecs<2>{Vec(gate[row]), Vec(dp[row])}; },
       [&](int64_t i, int64_t count, const RowVecs<2>& v) {
-        const Vec out = at::vec::fmadd(load8n(dy + i, count), v[0], v[1]);
-        if (kStream && count == 8)
-          stream8(dx + i, out);
-        else
-          store8n(dx + i, out, count);
+        put8n<kStream>(dx + i, at::vec::fmadd(load8n(dy + i, count), v[0], v[1]), count);
       });
 }
 

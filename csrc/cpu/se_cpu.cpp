@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../ca_common.h"
@@ -244,20 +245,27 @@ void pool_pixel_chunk(const ForwardArgs<T>& a, int64_t n, int64_t k, acc_t<T>* p
   sum_columns(a.x + (n * g.L + p0) * g.C, p1 - p0, g.C, part);
 }
 
-// The forward's scale walks NCHW rows flat where it can: without the relu mask (whose bit rows
-// follow the rows), rows of L >= 8 not a multiple of 8. Vectors stay inside the sample (the span):
-// the next sample's gate may not exist yet.
+// The passes that write outputs (the forward's scale, the backward's grad_x) walk NCHW rows flat
+// where they can: without the relu mask (whose bit rows follow the rows; without it there is no
+// grad_residual to write either, it is grad_y itself), rows of L >= 8 not a multiple of 8.
 template <typename T>
-bool flat_scale(const Geometry& g, bool relu_mask) {
+bool flat_pass(const Geometry& g, bool relu_mask) {
   return kVectorized<T> && !relu_mask && flat_rows(g.L, g.pixel_rows);
+}
+
+// The flat walk's span for sample n: vectors stay inside the sample, because in the tiled plan
+// the next sample's gate may not exist yet.
+inline std::pair<int64_t, int64_t> sample_span(const Geometry& g, int64_t n) {
+  return {n * g.rows * g.L, (n + 1) * g.rows * g.L};
 }
 
 template <typename T>
 void scale_rows(const ForwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   const Geometry& g = a.g;
   if constexpr (kVectorized<T>) {
-    if (flat_scale<T>(g, a.mask != nullptr)) {
-      const int64_t first = n * g.rows, lo = first * g.L, hi = lo + g.rows * g.L;
+    if (flat_pass<T>(g, a.mask != nullptr)) {
+      const int64_t first = n * g.rows;
+      const auto [lo, hi] = sample_span(g, n);
       with_bools(a.residual != nullptr, a.stream, [&](auto has_residual, auto streamed) {
         scale_flat_rows<T, decltype(has_residual)::value, decltype(streamed)::value>(
             a.x, a.G, a.residual, a.y, first + r0, first + r1, g.L, lo, hi);
@@ -329,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
                             z.mutable_data_ptr<A>(),
                             gate_logits.mutable_data_ptr<A>(),
                             gates.mutable_data_ptr<A>(),
-                            use_streaming_stores<scalar_t>(y, g, flat_scale<scalar_t>(g, out_relu))};
+                            use_streaming_stores<scalar_t>(y, g, flat_pass<scalar_t>(g, out_relu))};
     run_forward_plan(a, [&](int64_t n0, int64_t n1) {
       mlp_forward(a.w, n1 - n0, a.P + n0 * g.C, a.U1 + n0 * g.S, a.Z + n0 * g.S, a.U2 + n0 * g.C, a.G + n0 * g.C);
     });
@@ -399,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor> ca_eca_forward_cpu(const at::Tensor& x, const
                             nullptr,
                             logits.mutable_data_ptr<A>(),
                             gates.mutable_data_ptr<A>(),
-                            use_streaming_stores<scalar_t>(y, g, flat_scale<scalar_t>(g, out_relu))};
+                            use_streaming_stores<scalar_t>(y, g, flat_pass<scalar_t>(g, out_relu))};
     run_forward_plan(a, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         eca_taps(a.P + n * g.C, g.C, w, weight.size(0), padding, bias.has_value() ? &bias_value : nullptr,
@@ -452,19 +460,13 @@ void gate_grad_pixel_chunk(const BackwardArgs<T>& a, int64_t n, int64_t k, acc_t
     dot_columns<T, false>(a.dy + off, a.x + off, nullptr, 0, p1 - p0, g.C, part);
 }
 
-// The backward's grad_x pass walks NCHW rows flat as the forward's scale (flat_scale), where it
-// writes grad_x alone (no relu mask, so no grad_residual either).
-template <typename T>
-bool flat_grad(const Geometry& g, bool relu_mask, bool grad_residual) {
-  return flat_scale<T>(g, relu_mask) && !grad_residual;
-}
-
 template <typename T>
 void grad_rows(const BackwardArgs<T>& a, int64_t n, int64_t r0, int64_t r1) {
   const Geometry& g = a.g;
   if constexpr (kVectorized<T>) {
-    if (a.dx && flat_grad<T>(g, a.mask != nullptr, a.dres != nullptr)) {
-      const int64_t first = n * g.rows, lo = first * g.L, hi = lo + g.rows * g.L;
+    if (a.dx && flat_pass<T>(g, a.mask != nullptr)) {  // no mask: no dres (flat_pass)
+      const int64_t first = n * g.rows;
+      const auto [lo, hi] = sample_span(g, n);
       with_bool(a.stream, [&](auto streamed) {
         grad_flat_rows<T, decltype(streamed)::value>(a.dy, a.G, a.DP, a.dx, first + r0, first + r1, g.L, lo, hi);
       });
@@ -573,9 +575,8 @@ void run_backward_kernels(const at::Tensor& grad_y, const at::Tensor& x, const a
         out.dz2.mutable_data_ptr<A>(),
         out.dz1.mutable_data_ptr<A>(),
         dp.mutable_data_ptr<A>(),
-        use_streaming_stores<scalar_t>(
-            call.need_grad_x ? out.grad_x : out.grad_residual, g,
-            call.need_grad_x && flat_grad<scalar_t>(g, call.out_relu, call.need_grad_residual)) &&
+        use_streaming_stores<scalar_t>(call.need_grad_x ? out.grad_x : out.grad_residual, g,
+                                       call.need_grad_x && flat_pass<scalar_t>(g, call.out_relu)) &&
             (!call.need_grad_residual || use_streaming_stores<scalar_t>(out.grad_residual, g, false))};
     run_plan(
         g, make_plan(g, 2 * sizeof(scalar_t), sizeof(A)), a.DG, /*mean=*/false, a.stream,

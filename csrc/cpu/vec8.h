@@ -105,6 +105,16 @@ inline void stream8(T* p, const Vec& v) {
 #endif
 }
 
+// The output step of the flat walks: a full vector (count == 8) streamed when kStream, else
+// store8n (a partial vector never streams: it is not aligned).
+template <bool kStream, typename T>
+inline void put8n(T* p, const Vec& v, int64_t count) {
+  if (kStream && count == 8)
+    stream8(p, v);
+  else
+    store8n(p, v, count);
+}
+
 inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
