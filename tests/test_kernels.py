@@ -4,6 +4,8 @@ allocations, NaN propagation, launch-plan independence, determinism and saved me
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import (
@@ -348,6 +350,13 @@ def test_large_outputs(dtype, channels_last):
     seed = fresh_seed()
     inputs = make_inputs(case, dtype, seed)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    # The output relu's kink: among 2.4M outputs, one whose float64 value before the relu is within
+    # float32 rounding of 0 can land on the other side in float32 (seed 1093749788: one such
+    # element put dx 0.37 off, 15x the rounding floor). Where |pre-relu| < 1e-5, dy is 0: those
+    # elements' gradients are ambiguous in float32, every other element is checked as before.
+    pre64 = run(se_reference, {k: (v.double() if v is not None else None) for k, v in inputs.items()},
+                dy.double(), replace(case, out_activation=None))[0]
+    dy = torch.where(pre64.abs() < 1e-5, torch.zeros((), dtype=dtype), dy)
     y, grads = run(fused_se, inputs, dy, case, backend="cpu")
     y_ref, grads_ref = reference64(inputs, dy, case)
     if dtype == torch.float32:
