@@ -80,6 +80,7 @@ class Arch:
     gpu: str
     sm_count: int  # the split plans' pixel splits are 4 programs per SM
     smem_per_sm: int  # bytes of shared memory per SM available to blocks
+    l2_bytes: int  # the streamed plans count on half of it
     regs_per_sm: int = 65536
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
@@ -99,8 +100,8 @@ class Arch:
 
 
 ARCHS: Dict[int, Arch] = {
-    90: Arch(90, "H100/H200", sm_count=132, smem_per_sm=228 * 1024),
-    80: Arch(80, "A100", sm_count=108, smem_per_sm=164 * 1024),
+    90: Arch(90, "H100/H200", sm_count=132, smem_per_sm=228 * 1024, l2_bytes=60 * 10**6),  # H200's L2
+    80: Arch(80, "A100", sm_count=108, smem_per_sm=164 * 1024, l2_bytes=40 * 2**20),
 }
 
 DTYPES = ("float32", "bfloat16")
@@ -110,8 +111,11 @@ DIRECTIONS = ("forward", "backward")
 
 # Extra sites besides the benchmark shape sets (meta tensors: nothing is allocated): one whose
 # samples exceed 2^31 elements, so the split kernels' WIDE (int64 offsets) variants are checked
-# too.
-EXTRA_SETS = {"wide": ((1, 64, 8192, 4096, 4),)}
+# too; and SE-ResNet-50's four stages at batch 256 (benchmarks/gpu_model.py's largest set), which
+# take the streamed plan on every arch where the 16-byte paths allow.
+EXTRA_SETS = {"wide": ((1, 64, 8192, 4096, 4),),
+              "streamed": tuple((256, c, hw, hw, s) for c, hw, s in ((256, 56, 16), (512, 28, 32), (1024, 14, 64),
+                                                                   (2048, 7, 128)))}
 
 
 # ---- what is compiled -----------------------------------------------------------------------
@@ -287,17 +291,18 @@ def kernels_named_in_launch_code() -> List[str]:
 @contextlib.contextmanager
 def _recording(arch: Arch, sink: List[Launch]):
     """launch.py and stages.py with their kernels replaced by recorders, no wrap_triton, and arch's
-    SM count."""
+    SM count and L2 budget (the streamed plans)."""
     from se_kernels.triton import launch, stages
 
     proxy = types.SimpleNamespace(**{name: _Recorder(name, fn, sink) for name, fn in jit_kernels().items()})
-    saved = launch.kernels, launch.WRAP_TRITON, launch.sm_count, stages.kernels
+    saved = launch.kernels, launch.WRAP_TRITON, launch.sm_count, launch.stream_budget, stages.kernels
     launch.kernels, launch.WRAP_TRITON, launch.sm_count = proxy, False, lambda device: arch.sm_count
+    launch.stream_budget = lambda device: arch.l2_bytes // 2
     stages.kernels = proxy
     try:
         yield
     finally:
-        launch.kernels, launch.WRAP_TRITON, launch.sm_count, stages.kernels = saved
+        launch.kernels, launch.WRAP_TRITON, launch.sm_count, launch.stream_budget, stages.kernels = saved
 
 
 def _meta_inputs(case: Case):
@@ -320,16 +325,15 @@ def _meta_inputs(case: Case):
 
 
 def case_launches(case: Case, arch: Arch) -> Tuple[bool, List[Launch]]:
-    """(fused?, the launches) of one call, as launch.py makes them for arch."""
+    """(the plan: "fused", "split" or "streamed"; the launches) of one call, as launch.py makes them
+    for arch."""
     from se_kernels import ops
     from se_kernels.triton import launch
 
     x, w1, b1, w2, b2, residual, like = _meta_inputs(case)
     out_activation = "relu" if case.epilogue == "residual_relu" else None
     sink: List[Launch] = []
-    g = launch.Geometry(x, case.squeeze, out_activation == "relu")
     backward = case.direction == "backward"
-    fused = launch.Plan(g, backward=backward, sm_count=arch.sm_count).fused
     with _recording(arch, sink):
         if not backward:
             launch.forward(x, w1, b1, w2, b2, residual, case.activation, case.gate, out_activation)
@@ -338,8 +342,10 @@ def case_launches(case: Case, arch: Arch) -> Tuple[bool, List[Launch]]:
                                                                case.gate, out_activation)
             launch.backward(like(), x, w1, w2, pooled, hidden, logits, mask, case.activation, case.gate,
                             out_activation, True, residual is not None)
+        plan = ("fused" if any("fused" in item.name for item in sink) else
+                "streamed" if any("streamed" in item.name for item in sink) else "split")
         _stage_launches(x, like, residual, out_activation == "relu", backward)
-    return fused, sink
+    return plan, sink
 
 
 def _stage_launches(x, like, residual, out_relu: bool, backward: bool) -> None:
@@ -384,7 +390,7 @@ def variant_key(item: Launch) -> str:
 class Planned:
     """Every launch of every case for one arch, and the distinct variants in first-seen order."""
     arch: int
-    uses: List[Tuple[Case, bool, str, str, dict]]  # (case, fused, kernel, variant key, kwargs)
+    uses: List[Tuple[Case, str, str, str, dict]]  # (case, plan, kernel, variant key, kwargs)
     variants: Dict[str, Launch]
 
 
@@ -393,12 +399,12 @@ def plan(arch: int, cases: Sequence[Case]) -> Planned:
     uses, variants = [], {}
     with target(arch):
         for case in cases:
-            fused, launches = case_launches(case, info)
+            plan_name, launches = case_launches(case, info)
             for item in launches:
                 key = variant_key(item)
                 variants.setdefault(key, item)
                 kw = {k: (str(v) if not isinstance(v, (int, bool, str)) else v) for k, v in item.kwargs.items()}
-                uses.append((case, fused, item.name, key, kw))
+                uses.append((case, plan_name, item.name, key, kw))
     return Planned(arch, uses, variants)
 
 
@@ -555,7 +561,7 @@ class Selection:
 class Result:
     selection: dict
     cache_dir: str
-    uses: list = field(default_factory=list)  # [case dict, arch, fused, kernel, key, kwargs]
+    uses: list = field(default_factory=list)  # [case dict, arch, plan, kernel, key, kwargs]
     variants: dict = field(default_factory=dict)  # "arch|key" -> Resources dict
     seconds: float = 0.0
     versions: dict = field(default_factory=dict)
@@ -586,7 +592,7 @@ def collect(selection: Selection, cache_dir: Path, jobs: int = 1, progress: bool
                     kernels_in_launch_code=kernels_named_in_launch_code())
     planned = {arch: plan(arch, cases) for arch in selection.archs}
     for arch, p in planned.items():
-        result.uses += [[asdict(case), arch, fused, name, key, kw] for case, fused, name, key, kw in p.uses]
+        result.uses += [[asdict(case), arch, plan_name, name, key, kw] for case, plan_name, name, key, kw in p.uses]
     if jobs <= 1:
         for arch, p in planned.items():
             for key, r in compile_planned(p, cache_dir, progress=progress).items():
@@ -639,8 +645,9 @@ def run_subprocess(selection: Selection, cache_dir: Path, jobs: int = 1, out_jso
 # ---- the report ------------------------------------------------------------------------------------
 
 KERNEL_ORDER = ("se_forward_fused_kernel", "channel_sums_kernel", "se_hidden_kernel", "se_logits_kernel",
-                "se_scale_kernel", "se_backward_fused_kernel", "se_dz1_kernel", "se_dp_kernel",
-                "se_grad_input_kernel", "se_weight_grads_kernel", "se_sum_chunks_kernel")
+                "se_scale_kernel", "se_streamed_forward_kernel", "se_backward_fused_kernel", "se_dz1_kernel",
+                "se_dp_kernel", "se_grad_input_kernel", "se_streamed_backward_kernel", "se_weight_grads_kernel",
+                "se_sum_chunks_kernel")
 LAYOUT_SHORT = {"nchw": "NCHW", "channels_last": "channels_last"}
 
 
@@ -655,12 +662,12 @@ def _layout_label(case: dict, kwargs: dict) -> str:
 def table_rows(result: Result) -> List[dict]:
     """One row per (kernel, arch, dtype, layout, plan, block sizes, warps), over its variants."""
     rows: Dict[tuple, dict] = {}
-    for case, arch, fused, name, key, kw in result.uses:
+    for case, arch, plan_name, name, key, kw in result.uses:
         r = result.variants[f"{arch}|{key}"]
         blocks = tuple(kw.get(b, "-") for b in ("BLOCK_C", "BLOCK_L", "BLOCK_S"))
         row_key = (name, arch, case["dtype"], _layout_label(case, kw), blocks, kw["num_warps"])
         row = rows.setdefault(row_key, {"plans": set(), "variants": {}})
-        row["plans"].add("fused" if fused else "split")
+        row["plans"].add(plan_name)
         row["variants"][key] = r
     out = []
     for (name, arch, dtype, layout, blocks, warps), row in rows.items():
@@ -763,7 +770,8 @@ def render_markdown(result: Result, command: str) -> str:
         f"triton {v['triton']} (its ptxas {v['ptxas']}), torch {v['torch']}, {datetime.date.today().isoformat()}.",
         "",
         f"Compiled: the launch plans of {n_cases} calls per arch, every site of the shape sets "
-        f"{', '.join(sets)} (`wide`: one sample over 2^31 elements, for the int64-offset variants) "
+        f"{', '.join(sets)} (`wide`: one sample over 2^31 elements, for the int64-offset variants; `streamed`: "
+        "SE-ResNet-50's stages at batch 256, the streamed plan) "
         f"x {{float32, bfloat16}} x {{NCHW, channels_last}} x epilogue {{none, residual + relu}} x "
         f"{{forward, backward}}; activation/gate: "
         + (f"{sel['act_gate'][0]}/{sel['act_gate'][1]} everywhere" if sel["act_gate"] else "each site's own")

@@ -116,6 +116,17 @@ def reference64(inputs, dy, case: Case):
     return run(se_reference, inputs64, dy.double(), case)
 
 
+def stream_kept_bytes(case: Case, dtype: torch.dtype) -> int:
+    """The bytes per sample the streamed plans (CUDA and Triton) keep in L2 between a group's
+    first read and its re-read: one sample's x (dy) and relu mask (rows starting on a byte).
+    SE_KERNELS_STREAM_BUDGET = k times this streams any batch of more than k samples whose split
+    plan the budget does not hold."""
+    _, c, h, w = case.shape
+    rows, row_len = (h * w, c) if case.channels_last else (c, h * w)
+    mask = rows * -(-row_len // 8) if case.out_activation == "relu" else 0
+    return c * h * w * torch.empty((), dtype=dtype).element_size() + mask
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, in float64 (0 when both are 0)."""
     out, ref = out.double(), ref.double()

@@ -5,9 +5,11 @@ se_kernels._C; CI compiles csrc/cuda on every run, so a compile error fails it t
 
 from __future__ import annotations
 
+from typing import List
+
 import pytest
 import torch
-from helpers import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run
+from helpers import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run, stream_kept_bytes
 from test_triton import EPILOGUES, ODD, aoti_package_matches_eager, capture_and_replay, check, to_device
 
 from se_kernels import available_backends, fused_se, ops
@@ -142,3 +144,63 @@ def test_mlp_gemm_tiles(shape, squeeze):
     case = Case(shape, squeeze, "gelu", "hardsigmoid", True, False, None)
     check(case, torch.float32, fresh_seed(), backend="cuda")
     check(case, torch.float64, fresh_seed(), backend="cuda")
+
+
+# ---- the streamed plan (csrc/cuda/se_stream.h): one persistent kernel per direction ---------------
+
+def _kernel_names(fn) -> List[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+STREAM_CASES = [  # the 16-byte paths: H*W (NCHW) or C (channels_last) a multiple of 8 elements
+    Case((37, 40, 4, 6), 10, "silu", "sigmoid", True, True, "relu", False),
+    Case((21, 64, 5, 5), 16, "relu", "hardsigmoid", False, False, None, True),
+    Case((9, 200, 16, 16), 12, "gelu", "sigmoid", True, False, None, False),
+    Case((50, 136, 2, 4), 70, "hardswish", "sigmoid", True, True, "relu", True),
+]
+
+
+def _case_id(case: Case) -> str:
+    return "x".join(map(str, case.shape)) + ("-cl" if case.channels_last else "")
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fit", [4, 11, 40])
+def test_streamed_plan(monkeypatch, case, dtype, fit):
+    """The streamed kernels (forced by a small L2 budget: `fit` samples' kept bytes; groups of
+    1-5 samples, lags 3-39, partial last groups) against the float64 reference, and against the
+    split plan (budget 0) on the same inputs; the profiler shows which kernels ran."""
+    if fit >= case.shape[0]:
+        pytest.skip("the whole batch fits: the split plan runs")
+    seed = fresh_seed()
+    inputs = to_device(make_inputs(case, dtype, seed))
+    dy = torch.randn(case.shape, device="cuda", dtype=dtype)
+    if case.channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for plan, budget in (("split", 0), ("streamed", fit * stream_kept_bytes(case, dtype))):
+        monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(budget))
+        names = _kernel_names(lambda: run(fused_se, inputs, dy, case, backend="cuda"))
+        ran = any("streamed_forward_kernel" in n for n in names), any("streamed_backward_kernel" in n for n in names)
+        assert ran == ((plan == "streamed"),) * 2, (plan, [n for n in names if "kernel" in n])
+        outs[plan] = run(fused_se, inputs, dy, case, backend="cuda")
+        if plan == "streamed":
+            check(case, dtype, seed, backend="cuda")
+            again = run(fused_se, inputs, dy, case, backend="cuda")
+            assert torch.equal(again[0], outs[plan][0]), "streamed forward not deterministic"
+            assert all(torch.equal(again[1][k], outs[plan][1][k]) for k in GRAD_NAMES if inputs[k] is not None)
+    (y1, g1), (y2, g2) = outs["split"], outs["streamed"]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the channel sums' pixel splits differ
+    assert rel_err(y2, y1) < tol
+    assert all(rel_err(g2[k], g1[k]) < tol for k in GRAD_NAMES if inputs[k] is not None)
+
+
+def test_streamed_plan_budget_variable(monkeypatch):
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", "many")
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="SE_KERNELS_STREAM_BUDGET must be a byte count"):
+        fused_se(x, torch.randn(2, 8, device="cuda"), None, torch.randn(8, 2, device="cuda"), None, backend="cuda")

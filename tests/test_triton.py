@@ -1,7 +1,8 @@
 """The Triton backend against the float64 reference: on a GPU when there is one, else in
 Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py), on small shapes.
 Both launch plans (fused: one program per sample; split: partial sums + excite + elementwise)
-are exercised for every option, dtype and layout, plus odd sizes, NaN propagation, poisoned
+are exercised for every option, dtype and layout, the streamed plan (one persistent kernel) on
+its own cases, plus odd sizes, NaN propagation, poisoned
 allocations, determinism, opcheck and torch.compile; CUDA-graph capture needs a GPU.
 tests/test_cuda.py runs the same checks (check(), capture_and_replay()) on the CUDA backend."""
 
@@ -21,6 +22,7 @@ from helpers import (
     reference64,
     rel_err,
     run,
+    stream_kept_bytes,
     temp_dir,
 )
 
@@ -318,3 +320,73 @@ def test_launch_plan_grid_limits(shape, channels_last, backward):
         assert plan.grids["channel_sums_kernel"][0] == n * c_blocks * plan.splits
         assert plan.splits * plan.per_split >= h * w and plan.per_split % plan.block_l == 0
     assert g.wide == (c * h * w >= 2**31)
+
+
+# ---- the streamed plan (se_kernels/triton/kernels.py se_streamed_*_kernel) ---------------------
+
+STREAM_CASES = [  # split-plan sizes (C x H*W padded over 8192 elements), small for the interpreter
+    Case((9, 40, 16, 16), 10, "silu", "sigmoid", True, True, "relu", False),
+    Case((7, 24, 20, 20), 6, "relu", "hardsigmoid", False, False, None, True),
+    Case((11, 72, 9, 13), 20, "gelu", "sigmoid", True, True, "relu", True),
+]
+
+
+def _launched(monkeypatch) -> list:
+    """The names of the kernels launch.py launches from now on."""
+    from se_kernels.triton import launch
+
+    names, real = [], launch._k
+
+    def spy(kernel):
+        names.append(getattr(kernel, "fn", kernel).__name__)
+        return real(kernel)
+    monkeypatch.setattr(launch, "_k", spy)
+    return names
+
+
+def _case_id(case: Case) -> str:
+    return "x".join(map(str, case.shape)) + ("-cl" if case.channels_last else "")
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=_case_id)
+@pytest.mark.parametrize("fit", [4, 6])
+def test_streamed_plan(monkeypatch, case, fit):
+    """SE_KERNELS_STREAM_BUDGET of `fit` samples' kept bytes streams the batch (groups of one
+    sample, lags 3-5, every stage's items in the interpreter's one-program order or, on a GPU,
+    claimed by competing programs): the float64 reference's values, the split plan's (budget 0)
+    up to rounding (the pixel sums are split per tile), the same bits twice."""
+    seed = fresh_seed()
+    names = _launched(monkeypatch)
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(fit * stream_kept_bytes(case, torch.float32)))
+    check(case, torch.float32, seed)
+    assert names.count("se_streamed_forward_kernel") == 1 and names.count("se_streamed_backward_kernel") == 1, names
+    inputs = to_device(make_inputs(case, torch.float32, seed))
+    dy = torch.randn(case.shape, device=DEVICE)
+    streamed = run(fused_se, inputs, dy, case, backend="triton")
+    again = run(fused_se, inputs, dy, case, backend="triton")
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", "0")
+    del names[:]
+    split = run(fused_se, inputs, dy, case, backend="triton")
+    assert "channel_sums_kernel" in names and not any("streamed" in n for n in names), names
+    assert torch.equal(streamed[0], again[0])
+    assert rel_err(streamed[0], split[0]) < 1e-5
+    for k in GRAD_NAMES:
+        if inputs[k] is not None:
+            assert torch.equal(streamed[1][k], again[1][k]), k
+            assert rel_err(streamed[1][k], split[1][k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_streamed_plan_dtypes(monkeypatch, dtype):
+    case = STREAM_CASES[0]
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(5 * stream_kept_bytes(case, dtype)))
+    names = _launched(monkeypatch)
+    check(case, dtype, fresh_seed())
+    assert "se_streamed_forward_kernel" in names and "se_streamed_backward_kernel" in names, names
+
+
+def test_stream_budget_variable(monkeypatch):
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", "lots")
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="SE_KERNELS_STREAM_BUDGET must be a byte count"):
+        fused_se(x, torch.randn(2, 8, device=DEVICE), None, torch.randn(8, 2, device=DEVICE), None, backend="triton")

@@ -1,7 +1,7 @@
 // Fused SE forward and backward on CUDA: the C++/CUDA fallback of the Triton backend.
 //
-// Plan (the same for every shape; it fills the GPU for few large samples and for many small
-// ones, because the pixel reduction is split over blocks):
+// Split plan (it fills the GPU for few large samples and for many small ones, because the pixel
+// reduction is split over blocks):
 //   forward:  channel_sums (per (sample, channel block, pixel split) partial sums of x)
 //             -> hidden, logits (the MLP as GEMMs over blocks of 8 samples; gates)
 //             -> scale (y = out_act(x * g + residual) and the relu mask, one warp per tile of a
@@ -9,9 +9,13 @@
 //   backward: channel_sums of dy' * x -> dz1 (dz2, gates, dz1, act(hidden)) -> dp ->
 //             grad_input (dx, d_residual; tiles as scale's) -> weight_grads (one thread per
 //             weight over a chunk of the batch, the chunks then added in order)
-// Every reduction has a fixed order: results are deterministic (no atomics). Accumulation in
-// float (double for double). x, residual, grad_y, y, grad_x and grad_residual share x's layout
-// (NCHW or channels_last rows, csrc/se_common.h); the relu mask layout is csrc/se.cpp's.
+// Streamed plan (csrc/cuda/se_stream.h; batches whose bytes exceed half the L2, 16-byte paths,
+// not double): the same first four stages per group of samples, as the work items of one
+// persistent kernel, so that the element-wise pass re-reads x (backward: dy) from L2, not HBM.
+// Every reduction has a fixed order: results are deterministic (the streamed plan's atomics only
+// hand out work items and count finished ones). Accumulation in float (double for double). x,
+// residual, grad_y, y, grad_x and grad_residual share x's layout (NCHW or channels_last rows,
+// csrc/se_common.h); the relu mask layout is csrc/se.cpp's.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,12 +26,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <type_traits>
 #include <limits>
 #include <mutex>
 #include <unordered_map>
 
 #include "../ca_common.h"
 #include "../se_common.h"
+#include "se_stream.h"
 #include "se_tiles.h"
 
 // The option switches of se_tiles.h compiled for the host as well, so that the host compiler's
@@ -84,6 +91,25 @@ Layout make_layout(const Geometry& g) {
 
 // ---- kernels -----------------------------------------------------------------------------------
 
+// Vectors the plans write in one kernel and read in another, or (the streamed plan) in the same
+// kernel on another SM after a counter said they are written: read from L2 (ld.global.cg), never
+// through the non-coherent or L1 paths.
+template <typename A>
+__device__ __forceinline__ A load_l2(const A* p) {
+  return __ldcg(p);
+}
+
+// A per-(n, c) value: from L2 in the streamed plan (written by another block of the kernel), else
+// a plain load (written by an earlier kernel).
+template <bool kStreamed, typename A>
+__device__ __forceinline__ A load_vector(const A* p) {
+  if constexpr (kStreamed) {
+    return load_l2(p);
+  } else {
+    return *p;
+  }
+}
+
 // W elements of E, loaded and stored as one 16-byte access where W * sizeof(E) == 16 (two for
 // float gates of 8 half/bfloat16 elements).
 template <typename E, int W>
@@ -91,29 +117,64 @@ struct alignas(16) Pack {
   E v[W];
 };
 
+// How a 16-byte load is made. Keep: through the read-only path at normal L2 priority (the split
+// plan's loads; the streamed plan's of what it reads again: x in the forward's channel sums, dy in
+// the backward's). The streamed plan also uses Last for a last read (the element-wise items' x,
+// residual and dy; the backward's x), ld.global.cs: the L2 line goes first, so it does not push out
+// what is still to be re-read; and Coherent for what another block of the same kernel wrote,
+// ld.global.cg: from L2, never a stale L1 line. Its outputs' 16-byte stores are st.global.cs
+// (store_pack<kStream>: evicted first). Accesses of other sizes are plain (Coherent ones through
+// load_l2). The split plan keeps plain accesses: the hints are inline assembly, whose addresses
+// ptxas does not fold into the instructions' offsets (scale_kernel's float channels_last relu
+// residual variant went from 12.00 to 12.75 SASS instructions per element with them).
+enum class Hint { Keep, Last, Coherent };
+
+template <Hint H>
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+  if constexpr (H == Hint::Keep) {
+    return __ldg(p);
+  } else if constexpr (H == Hint::Last) {
+    return __ldcs(p);
+  } else {
+    return __ldcg(p);
+  }
+}
+
 // 16-byte multiples go through uint4, which nvcc always moves with one LDG/STG.128 each (a
 // struct copy was split into four 4-byte stores).
-template <typename E, int W>
+template <typename E, int W, Hint H = Hint::Keep>
 __device__ __forceinline__ Pack<E, W> load_pack(const E* p) {
   Pack<E, W> out;
   if constexpr (W * sizeof(E) % 16 == 0) {
     constexpr int kWords = W * sizeof(E) / 16;
 #pragma unroll
     for (int k = 0; k < kWords; ++k)
-      reinterpret_cast<uint4*>(&out)[k] = __ldg(reinterpret_cast<const uint4*>(p) + k);
+      reinterpret_cast<uint4*>(&out)[k] = load16<H>(reinterpret_cast<const uint4*>(p) + k);
   } else {
 #pragma unroll
-    for (int k = 0; k < W; ++k) out.v[k] = p[k];
+    for (int k = 0; k < W; ++k) {
+      if constexpr (H == Hint::Coherent) {
+        out.v[k] = load_l2(p + k);
+      } else {
+        out.v[k] = p[k];
+      }
+    }
   }
   return out;
 }
 
-template <typename E, int W>
+template <typename E, int W, bool kStream = false>
 __device__ __forceinline__ void store_pack(E* p, const Pack<E, W>& v) {
   if constexpr (W * sizeof(E) % 16 == 0) {
     constexpr int kWords = W * sizeof(E) / 16;
 #pragma unroll
-    for (int k = 0; k < kWords; ++k) reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
+    for (int k = 0; k < kWords; ++k) {
+      if constexpr (kStream) {
+        __stcs(reinterpret_cast<uint4*>(p) + k, reinterpret_cast<const uint4*>(&v)[k]);
+      } else {
+        reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&v)[k];
+      }
+    }
   } else {
 #pragma unroll
     for (int k = 0; k < W; ++k) p[k] = v.v[k];
@@ -126,13 +187,14 @@ __device__ __forceinline__ void store_pack(E* p, const Pack<E, W>& v) {
 // kVector (H*W a multiple of the vector width, x and dy aligned), else one element.
 // channels_last: 32 channels per block along x (contiguous), 8 pixel lanes along y, reduced
 // through shared memory in a fixed order.
-template <typename T, typename A, bool kVector>
-__global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                    const uint8_t* __restrict__ mask, A* __restrict__ partial, Layout lay,
-                                    int64_t per_split, int splits, int64_t cblocks, bool dot, bool masked) {
-  const int64_t block = blockIdx.x % cblocks;
-  const int64_t n = blockIdx.x / cblocks / splits;
-  const int split = static_cast<int>(blockIdx.x / cblocks % splits);
+template <typename T, typename A, bool kVector, bool kStreamed = false>
+__device__ __forceinline__ void channel_sums_block(const T* __restrict__ x, const T* __restrict__ dy,
+                                                   const uint8_t* __restrict__ mask, A* __restrict__ partial,
+                                                   const Layout& lay, int64_t per_split, int splits, int64_t cblocks,
+                                                   bool dot, bool masked, int64_t blk) {
+  const int64_t block = blk % cblocks;
+  const int64_t n = blk / cblocks / splits;
+  const int split = static_cast<int>(blk / cblocks % splits);
   const int64_t l_begin = split * per_split, l_end = min(lay.L, l_begin + per_split);
   auto term = [&](int64_t c, int64_t l) {
     const int64_t o = lay.offset(n, c, l);
@@ -147,7 +209,7 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
   if (!lay.pixel_rows) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t c = block * kWarps + warp;
-    if (c >= lay.C) return;
+    if (c >= lay.C) return;  // whole warps; no block-wide barrier on this path
     A acc = 0;
     if constexpr (kVector) {  // 16-byte loads: L a multiple of W, splits start on multiples of 32
       constexpr int W = tiles::vec_width<T>();
@@ -157,9 +219,11 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
       const uint8_t* __restrict__ mr = masked ? mask + row * lay.row_bytes : nullptr;
 #pragma unroll 4
       for (int64_t l = l_begin + lane * W; l < l_end; l += 32 * W) {
-        const Pack<T, W> xv = load_pack<T, W>(xr + l);
+        // the forward re-reads x in its element-wise pass, the backward dy
+        constexpr Hint kLast = kStreamed ? Hint::Last : Hint::Keep;
+        const Pack<T, W> xv = dot ? load_pack<T, W, kLast>(xr + l) : load_pack<T, W, Hint::Keep>(xr + l);
         if (dot) {
-          const Pack<T, W> dv = load_pack<T, W>(dr + l);
+          const Pack<T, W> dv = load_pack<T, W, Hint::Keep>(dr + l);
           const unsigned bits = masked ? unsigned(mr[l >> 3]) >> (l & 7) : 0xffu;  // W <= 8 bits, one byte
 #pragma unroll
           for (int k = 0; k < W; ++k)
@@ -188,7 +252,15 @@ __global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict
       for (int k = 0; k < 8; ++k) total += sums[k][tx];
       partial[(n * splits + split) * lay.C + c] = total;
     }
+    __syncthreads();  // sums is reused by the block's next item (the streamed plan)
   }
+}
+
+template <typename T, typename A, bool kVector>
+__global__ void channel_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                    const uint8_t* __restrict__ mask, A* __restrict__ partial, Layout lay,
+                                    int64_t per_split, int splits, int64_t cblocks, bool dot, bool masked) {
+  channel_sums_block<T, A, kVector>(x, dy, mask, partial, lay, per_split, splits, cblocks, dot, masked, blockIdx.x);
 }
 
 // ---- the excitation MLP: small GEMMs over blocks of samples -------------------------------------
@@ -204,35 +276,56 @@ constexpr int kMlpN = kWarps;  // samples per block: one per warp
 constexpr int kMlpT = 32;      // outputs per block (lanes) and inner tile
 
 struct MlpBlock {
-  int64_t n, x;  // this thread's sample and output (may be past N / the outputs)
+  int64_t n, x;  // this thread's sample and output (may be past the outputs)
+  bool live;     // n is one of the block's samples (a warp past them adds zeros and stores nothing)
   bool first;    // the block of outputs 0..31: stores the per-sample vectors it computes
 };
 
+// The block of samples [n_begin, n_end) (at most kMlpN) and outputs [xb * 32, xb * 32 + 32).
+__device__ __forceinline__ MlpBlock mlp_block_at(int64_t n_begin, int64_t n_end, int64_t xb) {
+  const int64_t n = n_begin + threadIdx.x / 32;
+  return {n, xb * kMlpT + threadIdx.x % 32, n < n_end, xb == 0};
+}
+
+// The split plan's grids: sample blocks fastest.
 __device__ __forceinline__ MlpBlock mlp_block(int64_t N) {
   const int64_t n_blocks = (N + kMlpN - 1) / kMlpN;
-  const int64_t xb = blockIdx.x / n_blocks;
-  return {int64_t(blockIdx.x % n_blocks) * kMlpN + threadIdx.x / 32, xb * kMlpT + threadIdx.x % 32, xb == 0};
+  const int64_t n_begin = int64_t(blockIdx.x % n_blocks) * kMlpN;
+  return mlp_block_at(n_begin, min(N, n_begin + kMlpN), blockIdx.x / n_blocks);
 }
 
 // acc = sum over k < K of vec(k) * W(output, k) for this thread's (sample, output), 32 values of k
-// at a time through shared memory. vec(k): this thread's sample's value at k (called with
+// at a time through shared memory, kMlpSub such tiles per pass: their loads are issued together,
+// one L2 round trip per 128 values of k. vec(k): this thread's sample's value at k (called with
 // k = k0 + lane; 0 past the end). weight(i, j): the weight matrix at row i, column j (0 outside);
 // kOutputRows: the outputs are W's rows (tile loaded along k, W's contiguous axis), else its
-// columns (tile loaded along the outputs, then W's contiguous axis).
+// columns (tile loaded along the outputs, then W's contiguous axis). The products are added in
+// increasing k, whatever the pass size.
+constexpr int kMlpSub = 4;
+
 template <bool kOutputRows, typename A, typename Vec, typename Weight>
 __device__ __forceinline__ A tile_gemm(int64_t K, const MlpBlock& b, Vec vec, Weight weight) {
-  __shared__ A vs[kMlpN][kMlpT + 1];
-  __shared__ A ws[kMlpT][kMlpT + 1];
+  __shared__ A vs[kMlpSub][kMlpN][kMlpT + 1];
+  __shared__ A ws[kMlpSub][kMlpT][kMlpT + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t x0 = b.x - lane;
   A acc = 0;
-  for (int64_t k0 = 0; k0 < K; k0 += kMlpT) {
-    vs[warp][lane] = vec(k0 + lane);
-    for (int row = warp; row < kMlpT; row += kWarps)
-      ws[row][lane] = kOutputRows ? weight(x0 + row, k0 + lane) : weight(k0 + row, x0 + lane);
+  for (int64_t k0 = 0; k0 < K; k0 += kMlpT * kMlpSub) {
+#pragma unroll
+    for (int t = 0; t < kMlpSub; ++t) {
+      const int64_t kt = k0 + t * kMlpT;
+      if (kt >= K) break;  // uniform over the block
+      vs[t][warp][lane] = vec(kt + lane);
+      for (int row = warp; row < kMlpT; row += kWarps)
+        ws[t][row][lane] = kOutputRows ? weight(x0 + row, kt + lane) : weight(kt + row, x0 + lane);
+    }
     __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kMlpSub; ++t) {
+      if (k0 + t * kMlpT >= K) break;
 #pragma unroll 8
-    for (int k = 0; k < kMlpT; ++k) acc += vs[warp][k] * (kOutputRows ? ws[lane][k] : ws[k][lane]);
+      for (int k = 0; k < kMlpT; ++k) acc += vs[t][warp][k] * (kOutputRows ? ws[t][lane][k] : ws[t][k][lane]);
+    }
     __syncthreads();
   }
   return acc;
@@ -241,39 +334,51 @@ __device__ __forceinline__ A tile_gemm(int64_t K, const MlpBlock& b, Vec vec, We
 // hidden[n, s] = sum_c pooled[n, c] W1[s, c] + b1[s], with pooled = sum(partials) / L (stored by
 // the first block of outputs).
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads) hidden_kernel(const A* __restrict__ partial, const T* __restrict__ w1,
-                                                          const T* __restrict__ b1, A* __restrict__ pooled,
-                                                          A* __restrict__ hidden, int64_t N, int64_t C, int64_t S,
-                                                          int64_t L, int splits) {
-  const MlpBlock b = mlp_block(N);
+__device__ __forceinline__ void hidden_block(const A* __restrict__ partial, const T* __restrict__ w1,
+                                             const T* __restrict__ b1, A* __restrict__ pooled, A* __restrict__ hidden,
+                                             int64_t C, int64_t S, int64_t L, int splits, const MlpBlock& b) {
   auto pool = [&](int64_t c) {
-    if (b.n >= N || c >= C) return A(0);
+    if (!b.live || c >= C) return A(0);
     A p = 0;
-    for (int k = 0; k < splits; ++k) p += partial[(b.n * splits + k) * C + c];
+    for (int k = 0; k < splits; ++k) p += load_l2(partial + (b.n * splits + k) * C + c);
     p /= A(L);
     if (b.first) pooled[b.n * C + c] = p;
     return p;
   };
   auto w = [&](int64_t s, int64_t c) { return s < S && c < C ? static_cast<A>(w1[s * C + c]) : A(0); };
   const A acc = tile_gemm<true, A>(C, b, pool, w);
-  if (b.n < N && b.x < S) hidden[b.n * S + b.x] = acc + (b1 ? static_cast<A>(b1[b.x]) : A(0));
+  if (b.live && b.x < S) hidden[b.n * S + b.x] = acc + (b1 ? static_cast<A>(b1[b.x]) : A(0));
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) hidden_kernel(const A* __restrict__ partial, const T* __restrict__ w1,
+                                                          const T* __restrict__ b1, A* __restrict__ pooled,
+                                                          A* __restrict__ hidden, int64_t N, int64_t C, int64_t S,
+                                                          int64_t L, int splits) {
+  hidden_block<T, A>(partial, w1, b1, pooled, hidden, C, S, L, splits, mlp_block(N));
 }
 
 // logits[n, c] = sum_s act(hidden[n, s]) W2[c, s] + b2[c], gates = gate(logits).
+template <typename T, typename A>
+__device__ __forceinline__ void logits_block(const A* __restrict__ hidden, const T* __restrict__ w2,
+                                             const T* __restrict__ b2, A* __restrict__ logits, A* __restrict__ gates,
+                                             int64_t C, int64_t S, Act act, Gate gate, const MlpBlock& b) {
+  auto z = [&](int64_t s) { return b.live && s < S ? activation(load_l2(hidden + b.n * S + s), act) : A(0); };
+  auto w = [&](int64_t c, int64_t s) { return c < C && s < S ? static_cast<A>(w2[c * S + s]) : A(0); };
+  const A acc = tile_gemm<true, A>(S, b, z, w);
+  if (b.live && b.x < C) {
+    const A u2 = acc + (b2 ? static_cast<A>(b2[b.x]) : A(0));
+    logits[b.n * C + b.x] = u2;
+    gates[b.n * C + b.x] = gate_fn(u2, gate);
+  }
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) logits_kernel(const A* __restrict__ hidden, const T* __restrict__ w2,
                                                           const T* __restrict__ b2, A* __restrict__ logits,
                                                           A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
                                                           Act act, Gate gate) {
-  const MlpBlock b = mlp_block(N);
-  auto z = [&](int64_t s) { return b.n < N && s < S ? activation(hidden[b.n * S + s], act) : A(0); };
-  auto w = [&](int64_t c, int64_t s) { return c < C && s < S ? static_cast<A>(w2[c * S + s]) : A(0); };
-  const A acc = tile_gemm<true, A>(S, b, z, w);
-  if (b.n < N && b.x < C) {
-    const A u2 = acc + (b2 ? static_cast<A>(b2[b.x]) : A(0));
-    logits[b.n * C + b.x] = u2;
-    gates[b.n * C + b.x] = gate_fn(u2, gate);
-  }
+  logits_block<T, A>(hidden, w2, b2, logits, gates, C, S, act, gate, mlp_block(N));
 }
 
 // y = out_act(x * g + residual) over one tile per warp (csrc/cuda/se_tiles.h), last tile first;
@@ -281,18 +386,16 @@ __global__ void __launch_bounds__(kThreads) logits_kernel(const A* __restrict__ 
 // path) or a ballot (scalar path). kVector: W-element 16-byte accesses, else one element a step.
 // kPixelRows: channels_last rows, a gate per element; NCHW rows share one gate. kRes: a residual.
 // Every per-lane pointer is set once; a step adds a compile-time offset.
-template <typename T, typename A, bool kVector, bool kPixelRows, bool kRelu, bool kRes>
-__global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x, const T* __restrict__ res,
-                                                         T* __restrict__ y, uint8_t* __restrict__ mask,
-                                                         const A* __restrict__ gates, RowTiles t,
-                                                         int64_t row_bytes) {
+template <typename T, typename A, bool kVector, bool kPixelRows, bool kRelu, bool kRes, bool kStreamed = false>
+__device__ __forceinline__ void scale_tile(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ y,
+                                           uint8_t* __restrict__ mask, const A* __restrict__ gates,
+                                           const RowTiles& t, int64_t row_bytes, const Tile& tile) {
   constexpr int W = kVector ? tiles::vec_width<T>() : 1;
   constexpr int kSteps = kVector ? tiles::kTileSteps : tiles::kTileSteps * tiles::vec_width<T>();
   constexpr int kStride = tiles::step_stride<W>();
   constexpr int kByteStride = tiles::mask_bytes_per_step<W>();
+  constexpr Hint kLast = kStreamed ? Hint::Last : Hint::Keep, kShared = kStreamed ? Hint::Coherent : Hint::Keep;
   const int lane = threadIdx.x % 32;
-  Tile tile;
-  if (!tiles::tile_of(t, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
   const int size = tiles::tile_size(tile);
   const int o0 = tiles::step_offset<W>(0, lane);                    // this lane's first element in the tile
   const int64_t first = tile.row * t.row_len + tile.begin + o0;
@@ -304,7 +407,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x
   uint8_t* __restrict__ ml = kRelu ? mask + tile.row * row_bytes + tile.begin / 8 + (byte0 > 0 ? byte0 : 0) : nullptr;
   Pack<A, W> gv;
   if (!kPixelRows) {
-    const A g = *gl;
+    const A g = load_vector<kStreamed>(gl);
 #pragma unroll
     for (int k = 0; k < W; ++k) gv.v[k] = g;
   }
@@ -312,16 +415,18 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x
   // per tensor in flight per lane, then the arithmetic and the stores. The scalar path (the
   // fallback for odd rows or unaligned tensors) loads step by step: kSteps is 8-32 there; so does
   // double, where loading ahead spilled 8 B with the relu mask (ptxas, sm_80 and sm_90).
-  constexpr bool kLoadAhead = kVector && sizeof(T) < 8;
+  // (The streamed kernel with a residual in a 2-byte type loads step by step too: loading ahead, it
+  // spilled at the 128 registers of two blocks per SM; ptxas, sm_90.)
+  constexpr bool kLoadAhead = kVector && sizeof(T) < 8 && !(kStreamed && kRes && sizeof(T) == 2);
   constexpr int kAhead = kLoadAhead ? kSteps : 0;
   Pack<T, W> xv[kSteps], rv[kSteps];
   Pack<A, W> gvs[kPixelRows ? kSteps : 1];
 #pragma unroll
   for (int step = 0; step < kAhead; ++step) {
     if (o0 + step * kStride < size) {
-      xv[step] = load_pack<T, W>(xl + step * kStride);
-      if (kRes) rv[step] = load_pack<T, W>(rl + step * kStride);
-      if (kPixelRows) gvs[step] = load_pack<A, W>(gl + step * kStride);
+      xv[step] = load_pack<T, W, kLast>(xl + step * kStride);
+      if (kRes) rv[step] = load_pack<T, W, kLast>(rl + step * kStride);
+      if (kPixelRows) gvs[step] = load_pack<A, W, kShared>(gl + step * kStride);
     }
   }
 #pragma unroll
@@ -330,9 +435,9 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x
     unsigned bits = 0;
     if (o0 + step * kStride < size) {
       if (!kLoadAhead) {
-        xv[step] = load_pack<T, W>(xl + step * kStride);
-        if (kRes) rv[step] = load_pack<T, W>(rl + step * kStride);
-        if (kPixelRows) gvs[step] = load_pack<A, W>(gl + step * kStride);
+        xv[step] = load_pack<T, W, kLast>(xl + step * kStride);
+        if (kRes) rv[step] = load_pack<T, W, kLast>(rl + step * kStride);
+        if (kPixelRows) gvs[step] = load_pack<A, W, kShared>(gl + step * kStride);
       }
       const Pack<A, W>& gs = kPixelRows ? gvs[step] : gv;
       Pack<T, W> yv;
@@ -344,7 +449,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x
         yv.v[k] = static_cast<T>(out);
         bits |= unsigned(through) << k;
       }
-      store_pack<T, W>(yl + step * kStride, yv);
+      store_pack<T, W, kStreamed>(yl + step * kStride, yv);
     }
     if constexpr (kRelu) {  // every lane takes part in the shuffles / ballot
       unsigned byte_bits;
@@ -361,20 +466,29 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x
   }
 }
 
+template <typename T, typename A, bool kVector, bool kPixelRows, bool kRelu, bool kRes>
+__global__ void __launch_bounds__(kThreads) scale_kernel(const T* __restrict__ x, const T* __restrict__ res,
+                                                         T* __restrict__ y, uint8_t* __restrict__ mask,
+                                                         const A* __restrict__ gates, RowTiles t,
+                                                         int64_t row_bytes) {
+  Tile tile;
+  if (!tiles::tile_of(t, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
+  scale_tile<T, A, kVector, kPixelRows, kRelu, kRes>(x, res, y, mask, gates, t, row_bytes, tile);
+}
+
 // dz2[n, c] = dg * gate'(logits) (dg: the partials' sum) and the gates (stored by the first block
 // of outputs), dz1[n, s] = (sum_c dz2[n, c] W2[c, s]) * act'(hidden[n, s]), z = act(hidden) for
 // the weight gradients. The outputs (s) are W2's columns.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads) dz1_kernel(const A* __restrict__ partial, const T* __restrict__ w2,
-                                                       const A* __restrict__ hidden, const A* __restrict__ logits,
-                                                       A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
-                                                       A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
-                                                       int splits, Act act, Gate gate) {
-  const MlpBlock b = mlp_block(N);
+__device__ __forceinline__ void dz1_block(const A* __restrict__ partial, const T* __restrict__ w2,
+                                          const A* __restrict__ hidden, const A* __restrict__ logits,
+                                          A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
+                                          A* __restrict__ gates, int64_t C, int64_t S, int splits, Act act, Gate gate,
+                                          const MlpBlock& b) {
   auto grad_logit = [&](int64_t c) {
-    if (b.n >= N || c >= C) return A(0);
+    if (!b.live || c >= C) return A(0);
     A dg = 0;
-    for (int k = 0; k < splits; ++k) dg += partial[(b.n * splits + k) * C + c];
+    for (int k = 0; k < splits; ++k) dg += load_l2(partial + (b.n * splits + k) * C + c);
     const A u2 = logits[b.n * C + c], g = gate_fn(u2, gate);
     const A d = dg * gate_grad(u2, g, gate);
     if (b.first) dz2[b.n * C + c] = d, gates[b.n * C + c] = g;
@@ -382,41 +496,53 @@ __global__ void __launch_bounds__(kThreads) dz1_kernel(const A* __restrict__ par
   };
   auto w = [&](int64_t c, int64_t s) { return c < C && s < S ? static_cast<A>(w2[c * S + s]) : A(0); };
   const A acc = tile_gemm<false, A>(C, b, grad_logit, w);
-  if (b.n < N && b.x < S) {
+  if (b.live && b.x < S) {
     const A u1 = hidden[b.n * S + b.x];
     dz1[b.n * S + b.x] = acc * activation_grad(u1, act);
     z[b.n * S + b.x] = activation(u1, act);
   }
 }
 
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) dz1_kernel(const A* __restrict__ partial, const T* __restrict__ w2,
+                                                       const A* __restrict__ hidden, const A* __restrict__ logits,
+                                                       A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
+                                                       A* __restrict__ gates, int64_t N, int64_t C, int64_t S,
+                                                       int splits, Act act, Gate gate) {
+  dz1_block<T, A>(partial, w2, hidden, logits, dz1, dz2, z, gates, C, S, splits, act, gate, mlp_block(N));
+}
+
 // dp[n, c] = (sum_s dz1[n, s] W1[s, c]) / L, the gradient reaching each pooled value. The outputs
 // (c) are W1's columns.
+template <typename T, typename A>
+__device__ __forceinline__ void dp_block(const A* __restrict__ dz1, const T* __restrict__ w1, A* __restrict__ dp,
+                                         int64_t C, int64_t S, int64_t L, const MlpBlock& b) {
+  auto d = [&](int64_t s) { return b.live && s < S ? load_l2(dz1 + b.n * S + s) : A(0); };
+  auto w = [&](int64_t s, int64_t c) { return s < S && c < C ? static_cast<A>(w1[s * C + c]) : A(0); };
+  const A acc = tile_gemm<false, A>(S, b, d, w);
+  if (b.live && b.x < C) dp[b.n * C + b.x] = acc / A(L);
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dp_kernel(const A* __restrict__ dz1, const T* __restrict__ w1,
                                                       A* __restrict__ dp, int64_t N, int64_t C, int64_t S,
                                                       int64_t L) {
-  const MlpBlock b = mlp_block(N);
-  auto d = [&](int64_t s) { return b.n < N && s < S ? dz1[b.n * S + s] : A(0); };
-  auto w = [&](int64_t s, int64_t c) { return s < S && c < C ? static_cast<A>(w1[s * C + c]) : A(0); };
-  const A acc = tile_gemm<false, A>(S, b, d, w);
-  if (b.n < N && b.x < C) dp[b.n * C + b.x] = acc / A(L);
+  dp_block<T, A>(dz1, w1, dp, C, S, L, mlp_block(N));
 }
 
 // grad_x = dy' * g + dp, grad_residual = dy' over one tile per warp, last tile first (tiles,
 // template flags and per-lane pointers as scale_kernel's; kMasked: the relu epilogue's mask
 // zeroes dy).
-template <typename T, typename A, bool kVector, bool kPixelRows, bool kMasked>
-__global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restrict__ dy,
-                                                              const uint8_t* __restrict__ mask,
-                                                              const A* __restrict__ gates, const A* __restrict__ dp,
-                                                              T* __restrict__ dx, T* __restrict__ dres, RowTiles t,
-                                                              int64_t row_bytes) {
+template <typename T, typename A, bool kVector, bool kPixelRows, bool kMasked, bool kStreamed = false>
+__device__ __forceinline__ void grad_input_tile(const T* __restrict__ dy, const uint8_t* __restrict__ mask,
+                                                const A* __restrict__ gates, const A* __restrict__ dp,
+                                                T* __restrict__ dx, T* __restrict__ dres, const RowTiles& t,
+                                                int64_t row_bytes, const Tile& tile) {
   constexpr int W = kVector ? tiles::vec_width<T>() : 1;
   constexpr int kSteps = kVector ? tiles::kTileSteps : tiles::kTileSteps * tiles::vec_width<T>();
   constexpr int kStride = tiles::step_stride<W>();
+  constexpr Hint kLast = kStreamed ? Hint::Last : Hint::Keep, kShared = kStreamed ? Hint::Coherent : Hint::Keep;
   const int lane = threadIdx.x % 32;
-  Tile tile;
-  if (!tiles::tile_of(t, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;
   const int size = tiles::tile_size(tile);
   const int o0 = tiles::step_offset<W>(0, lane);
   const int64_t first = tile.row * t.row_len + tile.begin + o0;
@@ -429,7 +555,7 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restric
   const int shift = o0 & 7;  // a step moves by a multiple of 8 elements
   Pack<A, W> gv, pv;
   if (!kPixelRows) {
-    const A g = gates[vec_base], p = dp[vec_base];
+    const A g = load_vector<kStreamed>(gates + vec_base), p = load_vector<kStreamed>(dp + vec_base);
 #pragma unroll
     for (int k = 0; k < W; ++k) gv.v[k] = g, pv.v[k] = p;
   }
@@ -441,11 +567,11 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restric
   Pack<A, W> gvs[kPixelRows ? kSteps : 1], pvs[kPixelRows ? kSteps : 1];
   auto load_step = [&](int step) {
     bits[step] = 0xffu;
-    dyv[step] = load_pack<T, W>(dyl + step * kStride);
+    dyv[step] = load_pack<T, W, kLast>(dyl + step * kStride);
     if (kMasked) bits[step] = unsigned(ml[step * kStride / 8]) >> shift;
     if (kPixelRows) {
-      gvs[step] = load_pack<A, W>(gates + vec_base + step * kStride);
-      pvs[step] = load_pack<A, W>(dp + vec_base + step * kStride);
+      gvs[step] = load_pack<A, W, kShared>(gates + vec_base + step * kStride);
+      pvs[step] = load_pack<A, W, kShared>(dp + vec_base + step * kStride);
     }
   };
 #pragma unroll
@@ -464,9 +590,20 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restric
       drv.v[k] = static_cast<T>(d);
       dxv.v[k] = static_cast<T>(tiles::grad_input_element(d, gs.v[k], ps.v[k]));
     }
-    if (drl) store_pack<T, W>(drl + step * kStride, drv);
-    if (dxl) store_pack<T, W>(dxl + step * kStride, dxv);
+    if (drl) store_pack<T, W, kStreamed>(drl + step * kStride, drv);
+    if (dxl) store_pack<T, W, kStreamed>(dxl + step * kStride, dxv);
   }
+}
+
+template <typename T, typename A, bool kVector, bool kPixelRows, bool kMasked>
+__global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restrict__ dy,
+                                                              const uint8_t* __restrict__ mask,
+                                                              const A* __restrict__ gates, const A* __restrict__ dp,
+                                                              T* __restrict__ dx, T* __restrict__ dres, RowTiles t,
+                                                              int64_t row_bytes) {
+  Tile tile;
+  if (!tiles::tile_of(t, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
+  grad_input_tile<T, A, kVector, kPixelRows, kMasked>(dy, mask, gates, dp, dx, dres, t, row_bytes, tile);
 }
 
 // Weight gradients over the batch chunk [k * per_chunk, (k + 1) * per_chunk): dW2[c, s] =
@@ -524,6 +661,139 @@ __global__ void __launch_bounds__(kThreads) weight_grads_sum_kernel(const A* __r
   A acc = 0;
   for (int64_t k = 0; k < chunks; ++k) acc += p[k * size + j];
   out[j] = static_cast<T>(acc);
+}
+
+// ---- the streamed plan (csrc/cuda/se_stream.h): one persistent kernel per direction -------------
+
+__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// About 17 s of waiting (128 ns sleeps): only a broken schedule waits that long; it then stops the
+// kernel with an error (cudaErrorLaunchFailure at the next synchronisation) instead of hanging.
+constexpr long long kMaxSpins = 1LL << 27;
+
+// The block claims item numbers in increasing order until none is left and runs each with the
+// whole block (run(item); the stage is uniform over the block, so the bodies' barriers are).
+// Thread 0 claims the next number as soon as the current item starts, so that the claim's round
+// trip overlaps the item's work: a block holds at most two numbers, and runs them in order, so
+// the smallest unfinished item is always the one its block is running, and its dependencies (smaller
+// numbers) are done: no block waits forever. Before an item of stage k > 0, thread 0 waits until
+// every item of stage k - 1 of its group has signalled (an acquire load), then the block passes a
+// barrier; after an item of stages 0-2, every thread fences its stores, the block passes a barrier,
+// and thread 0 signals (the threadfence-reduction pattern of the CUDA programming guide). What the
+// items exchange is read with load_l2 / Hint::Coherent: never from a stale L1 line.
+template <typename Run>
+__device__ __forceinline__ void run_streamed(const stream::Schedule& s, unsigned long long* counters, Run run) {
+  __shared__ long long claimed;
+  unsigned long long* const claim = counters + s.claim_counter();
+  const int64_t items = s.items();
+  if (threadIdx.x == 0) claimed = static_cast<long long>(atomicAdd(claim, 1ull));
+  __syncthreads();
+  for (;;) {
+    const int64_t i = claimed;
+    __syncthreads();  // every thread has read it before thread 0 replaces it
+    if (i >= items) return;
+    unsigned long long ahead = 0;
+    if (threadIdx.x == 0) ahead = atomicAdd(claim, 1ull);
+    const stream::Item it = stream::item_of(s, i);
+    if (it.stage != stream::kNone) {
+      if (it.stage != stream::kPool) {
+        if (threadIdx.x == 0) {
+          const unsigned long long* done = counters + s.counter(it.group, it.stage - 1);
+          const auto need = static_cast<unsigned long long>(stream::stage_items(s, it.stage - 1));
+          for (long long spins = 0; load_acquire(done) < need; ++spins) {
+            if (spins > kMaxSpins) __trap();
+            __nanosleep(128);
+          }
+          __threadfence();
+        }
+        __syncthreads();
+      }
+      run(it);
+      if (it.stage != stream::kApply) {
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(counters + s.counter(it.group, it.stage), 1ull);
+      }
+    }
+    if (threadIdx.x == 0) claimed = static_cast<long long>(ahead);
+    __syncthreads();
+  }
+}
+
+// Blocks per SM the streamed kernels are compiled for: 2 (<= 128 registers, 16 warps resident),
+// except 2-byte types in channels_last, whose element-wise tiles hold a float gate (and dp) per
+// element: at 128 registers they spilled (ptxas, sm_90), so 1 block (<= 255 registers). (3 blocks,
+// <= 80 registers, spilled in most variants. Each kernel's GEMMs keep their own shared tiles,
+// 42 KiB in all: one set per accumulation type, through a shared reference, made dz1_kernel spill.)
+template <typename T, bool kPixelRows>
+constexpr int streamed_min_blocks() {
+  return sizeof(T) == 2 && kPixelRows ? 1 : 2;
+}
+
+// The forward's stages over one group: channel sums of its samples (channel_sums_kernel's blocks,
+// numbered from the group's first), hidden and logits over its samples (one MLP block of <= 8
+// samples), scale over its tiles (16-byte path only), each as the split plan's kernels compute it.
+template <typename T, typename A, bool kPixelRows, bool kRelu, bool kRes>
+__global__ void __launch_bounds__(kThreads, streamed_min_blocks<T, kPixelRows>()) streamed_forward_kernel(
+    const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w1, const T* __restrict__ b1,
+    const T* __restrict__ w2, const T* __restrict__ b2, T* __restrict__ y, uint8_t* __restrict__ mask,
+    A* __restrict__ partial, A* __restrict__ pooled, A* __restrict__ hidden, A* __restrict__ logits,
+    A* __restrict__ gates, unsigned long long* __restrict__ counters, stream::Schedule s, Layout lay, RowTiles t,
+    int64_t per_split, int splits, int64_t cblocks, Act act, Gate gate) {
+  const int64_t tiles_per_sample = t.rows_per_sample * t.chunks;
+  run_streamed(s, counters, [&](const stream::Item& it) {
+    const int64_t n0 = stream::group_first(s, it.group), n1 = stream::group_end(s, it.group);
+    if (it.stage == stream::kPool) {
+      const int64_t blk = n0 * cblocks * splits + it.index;
+      if (blk < n1 * cblocks * splits)
+        channel_sums_block<T, A, !kPixelRows, true>(x, nullptr, nullptr, partial, lay, per_split, splits, cblocks,
+                                                    false, false, blk);
+    } else if (it.stage == stream::kFirst) {
+      hidden_block<T, A>(partial, w1, b1, pooled, hidden, lay.C, lay.S, lay.L, splits, mlp_block_at(n0, n1, it.index));
+    } else if (it.stage == stream::kSecond) {
+      logits_block<T, A>(hidden, w2, b2, logits, gates, lay.C, lay.S, act, gate, mlp_block_at(n0, n1, it.index));
+    } else {
+      const int64_t k = stream::apply_tile(s, it.group, it.index, threadIdx.x / 32, tiles_per_sample, kWarps);
+      if (k >= 0)
+        scale_tile<T, A, true, kPixelRows, kRelu, kRes, true>(x, res, y, mask, gates, t, lay.row_bytes,
+                                                              tiles::tile_at(t, k));
+    }
+  });
+}
+
+// The backward's: channel sums of dy' * x, dz1 (with dz2, the gates and act(hidden)), dp, grad_input;
+// the weight gradients follow as in the split plan (they need every group).
+template <typename T, typename A, bool kPixelRows, bool kMasked>
+__global__ void __launch_bounds__(kThreads, streamed_min_blocks<T, kPixelRows>()) streamed_backward_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const uint8_t* __restrict__ mask, const T* __restrict__ w1,
+    const T* __restrict__ w2, const A* __restrict__ hidden, const A* __restrict__ logits, T* __restrict__ dx,
+    T* __restrict__ dres, A* __restrict__ partial, A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
+    A* __restrict__ gates, A* __restrict__ dp, unsigned long long* __restrict__ counters, stream::Schedule s,
+    Layout lay, RowTiles t, int64_t per_split, int splits, int64_t cblocks, Act act, Gate gate) {
+  const int64_t tiles_per_sample = t.rows_per_sample * t.chunks;
+  run_streamed(s, counters, [&](const stream::Item& it) {
+    const int64_t n0 = stream::group_first(s, it.group), n1 = stream::group_end(s, it.group);
+    if (it.stage == stream::kPool) {
+      const int64_t blk = n0 * cblocks * splits + it.index;
+      if (blk < n1 * cblocks * splits)
+        channel_sums_block<T, A, !kPixelRows, true>(x, dy, mask, partial, lay, per_split, splits, cblocks, true,
+                                                    kMasked, blk);
+    } else if (it.stage == stream::kFirst) {
+      dz1_block<T, A>(partial, w2, hidden, logits, dz1, dz2, z, gates, lay.C, lay.S, splits, act, gate,
+                      mlp_block_at(n0, n1, it.index));
+    } else if (it.stage == stream::kSecond) {
+      dp_block<T, A>(dz1, w1, dp, lay.C, lay.S, lay.L, mlp_block_at(n0, n1, it.index));
+    } else {
+      const int64_t k = stream::apply_tile(s, it.group, it.index, threadIdx.x / 32, tiles_per_sample, kWarps);
+      if (k >= 0)
+        grad_input_tile<T, A, true, kPixelRows, kMasked, true>(dy, mask, gates, dp, dx, dres, t, lay.row_bytes,
+                                                               tiles::tile_at(t, k));
+    }
+  });
 }
 
 // ---- the generic channel-attention path's stage ops (se_kernels/attention.py) -------------------
@@ -718,9 +988,166 @@ void check_cuda_inputs(std::initializer_list<at::Tensor> tensors) {
     TORCH_CHECK(t.is_cuda(), "se_kernels: the cuda kernels take CUDA tensors; got one on ", t.device());
 }
 
+// ---- host: the streamed plan ------------------------------------------------------------------
+
+// The L2 bytes the streamed plan counts on keeping between a group's first read and its re-read:
+// half of the device's L2 (what is touched from both L2 partitions may be held twice), queried
+// once per device. SE_KERNELS_STREAM_BUDGET (bytes) overrides it: 0 never streams, a small
+// value streams small batches (the tests compare both plans that way).
+int64_t stream_budget() {
+  if (const char* env = std::getenv("SE_KERNELS_STREAM_BUDGET")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && v >= 0,
+                "se_kernels: SE_KERNELS_STREAM_BUDGET must be a byte count >= 0; got '", env, "'");
+    return v;
+  }
+  static std::mutex lock;
+  static std::unordered_map<int, int64_t> budgets;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> hold(lock);
+  auto it = budgets.find(device);
+  if (it == budgets.end()) {
+    int bytes = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
+    it = budgets.emplace(device, int64_t(bytes) / 2).first;
+  }
+  return it->second;
+}
+
+// The streamed schedule of an op over g, or false for the split plan: the streamed kernels take the
+// 16-byte paths only (the element-wise tiles' and, NCHW, the channel sums'), not double, and
+// csrc/cuda/se_stream.h's make_schedule decides from the bytes per sample.
+// The streamed plan's pixel splits: channel-sum items of about kStreamItemBytes of x, as large as an
+// element-wise item's loads (8 tiles x 2 KiB), so that a group's sums finish soon after they are
+// claimed (the split plan's splits only fill the GPU: a whole 3136-pixel row per block at batch 256).
+// Splits are multiples of 32 pixels, as the NCHW 16-byte channel sums need.
+constexpr int64_t kStreamItemBytes = 16384;
+
+Splits stream_splits(const Geometry& g, int64_t elem) {
+  const int64_t channels = g.pixel_rows ? 32 : kWarps;  // channels of one channel-sum block
+  const int64_t whole = (g.L + 31) / 32 * 32;
+  const int64_t per_split = std::min(whole, std::max<int64_t>(32, kStreamItemBytes / (channels * elem) / 32 * 32));
+  return {static_cast<int>((g.L + per_split - 1) / per_split), per_split};
+}
+
+template <typename T>
+bool streamed_schedule(const Geometry& g, const RowTiles& t, bool sums_vector_ok, int64_t cblocks, const Splits& sp,
+                       int64_t kept, int64_t touched, stream::Schedule* out) {
+  if (std::is_same_v<T, double> || !t.vector || (!g.pixel_rows && !sums_vector_ok)) return false;
+  if (g.N * touched <= stream_budget()) return false;
+  const stream::StreamShape shape{g.N, kept, stream_budget(), cblocks * sp.splits, (g.S + kMlpT - 1) / kMlpT,
+                                  (g.C + kMlpT - 1) / kMlpT, t.rows_per_sample * t.chunks, kWarps};
+  return stream::make_schedule(shape, out);
+}
+
+// A persistent grid: as many blocks as fit on the device at once (more would only wait to claim
+// items), at most one per item.
+template <typename Kernel>
+unsigned int streamed_grid(Kernel kernel, const stream::Schedule& s) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  return grid_1d(std::min<int64_t>(s.items(), int64_t(std::max(per_sm, 1)) * multiprocessors()));
+}
+
+template <typename T, typename A>
+auto streamed_forward_variant(bool pixel_rows, bool relu, bool res) {
+  using Kernel = decltype(&streamed_forward_kernel<T, A, false, false, false>);
+  const Kernel table[8] = {
+      streamed_forward_kernel<T, A, false, false, false>, streamed_forward_kernel<T, A, false, false, true>,
+      streamed_forward_kernel<T, A, false, true, false>,  streamed_forward_kernel<T, A, false, true, true>,
+      streamed_forward_kernel<T, A, true, false, false>,  streamed_forward_kernel<T, A, true, false, true>,
+      streamed_forward_kernel<T, A, true, true, false>,   streamed_forward_kernel<T, A, true, true, true>};
+  return table[4 * pixel_rows + 2 * relu + res];
+}
+
+template <typename T, typename A>
+auto streamed_backward_variant(bool pixel_rows, bool masked) {
+  using Kernel = decltype(&streamed_backward_kernel<T, A, false, false>);
+  const Kernel table[4] = {streamed_backward_kernel<T, A, false, false>, streamed_backward_kernel<T, A, false, true>,
+                           streamed_backward_kernel<T, A, true, false>, streamed_backward_kernel<T, A, true, true>};
+  return table[2 * pixel_rows + masked];
+}
+
 // Blocks of the MLP kernels: sample blocks x blocks of 32 outputs.
 int64_t mlp_blocks(const Geometry& g, int64_t outputs) {
   return (g.N + kMlpN - 1) / kMlpN * ((outputs + kMlpT - 1) / kMlpT);
+}
+
+// The bytes per sample the streamed plan keeps in L2 from its first read to its re-read: x
+// (backward: dy) and the relu mask. Everything else is read once or written with evict-first hints
+// (Hint, store_pack), which leave those lines first.
+int64_t kept_bytes(const Geometry& g, int64_t elem, bool mask) {
+  return g.C * g.L * elem + (mask ? g.rows * g.mask_row_bytes : 0);
+}
+
+// The bytes per sample the split plan touches between a tile's first read and its re-read (it
+// has no eviction hints): forward x [+ residual] read, y [+ mask] written; backward dy, x [+ mask]
+// read, dx [+ d_residual] written. Where the whole batch's fit the L2 budget, the split plan's
+// re-read is an L2 hit already and the streamed plan is not used.
+int64_t touched_bytes(const Geometry& g, int64_t elem, int tensors, bool mask) {
+  return tensors * g.C * g.L * elem + (mask ? g.rows * g.mask_row_bytes : 0);
+}
+
+// The forward as one streamed kernel where csrc/cuda/se_stream.h says it pays; false: run the
+// split plan. The blocks' arithmetic is the split plan's; only the pixel splits of the channel sums
+// differ (stream_splits), so pooled values may differ from the split plan's in the last bits.
+template <typename T, typename A>
+bool forward_streamed(const Geometry& g, const at::Tensor& x, const T* res, const at::Tensor& w1, const T* b1,
+                      const at::Tensor& w2, const T* b2, at::Tensor& y, at::Tensor& mask, at::Tensor& pooled,
+                      at::Tensor& hidden, at::Tensor& logits, at::Tensor& gates, const RowTiles& t, int64_t cblocks,
+                      bool out_relu, Act act, Gate gate, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    stream::Schedule s;
+    const Splits sp = stream_splits(g, sizeof(T));
+    if (!streamed_schedule<T>(g, t, sums_vector<T>(g, x.const_data_ptr(), nullptr), cblocks, sp,
+                              kept_bytes(g, sizeof(T), out_relu),
+                              touched_bytes(g, sizeof(T), 2 + (res != nullptr), out_relu), &s))
+      return false;
+    at::Tensor partial = at::empty({g.N, sp.splits, g.C}, pooled.options());
+    at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+    const auto kernel = streamed_forward_variant<T, A>(g.pixel_rows, out_relu, res != nullptr);
+    kernel<<<streamed_grid(kernel, s), kThreads, 0, stream>>>(
+        x.const_data_ptr<T>(), res, w1.const_data_ptr<T>(), b1, w2.const_data_ptr<T>(), b2, y.mutable_data_ptr<T>(),
+        out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, partial.mutable_data_ptr<A>(),
+        pooled.mutable_data_ptr<A>(), hidden.mutable_data_ptr<A>(), logits.mutable_data_ptr<A>(),
+        gates.mutable_data_ptr<A>(), reinterpret_cast<unsigned long long*>(counters.mutable_data_ptr<int64_t>()), s,
+        make_layout(g), t, sp.per_split, sp.splits, cblocks, act, gate);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
+// The backward's streamed kernel (dx, d_residual and the MLP's per-sample gradients); false: the
+// split plan's kernels. The weight gradients follow in either case.
+template <typename T, typename A>
+bool backward_streamed(const Geometry& g, const at::Tensor& grad_y, const at::Tensor& x, const uint8_t* mask,
+                       const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& hidden, const at::Tensor& logits,
+                       T* dx, T* dres, at::Tensor& dz1, at::Tensor& dz2, at::Tensor& z, at::Tensor& gates,
+                       at::Tensor& dp, const RowTiles& t, int64_t cblocks, Act act, Gate gate, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    stream::Schedule s;
+    const Splits sp = stream_splits(g, sizeof(T));
+    if (!streamed_schedule<T>(g, t, sums_vector<T>(g, x.const_data_ptr(), grad_y.const_data_ptr()), cblocks, sp,
+                              kept_bytes(g, sizeof(T), mask != nullptr),
+                              touched_bytes(g, sizeof(T), 2 + (dx != nullptr) + (dres != nullptr), mask != nullptr), &s))
+      return false;
+    at::Tensor partial = at::empty({g.N, sp.splits, g.C}, dz1.options());
+    at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+    const auto kernel = streamed_backward_variant<T, A>(g.pixel_rows, mask != nullptr);
+    kernel<<<streamed_grid(kernel, s), kThreads, 0, stream>>>(
+        grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), mask, w1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
+        hidden.const_data_ptr<A>(), logits.const_data_ptr<A>(), dx, dres, partial.mutable_data_ptr<A>(),
+        dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(),
+        dp.mutable_data_ptr<A>(), reinterpret_cast<unsigned long long*>(counters.mutable_data_ptr<int64_t>()), s,
+        make_layout(g), t, sp.per_split, sp.splits, cblocks, act, gate);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forward_cuda(
@@ -751,6 +1178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_forward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b1p = b1c.defined() ? b1c.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b2p = b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr;
+    const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
+    if (forward_streamed<scalar_t, A>(g, x, res, w1, b1p, w2, b2p, y, mask, pooled, hidden, logits, gates, t, cblocks,
+                                      out_relu, act, gt, stream))
+      return;
     (sums_vector<scalar_t>(g, x.const_data_ptr(), nullptr) ? channel_sums_kernel<scalar_t, A, true>
                                                             : channel_sums_kernel<scalar_t, A, false>)
         <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
@@ -758,17 +1192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
             sp.splits, cblocks, false, false);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     hidden_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
-        partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(),
-        b1c.defined() ? b1c.const_data_ptr<scalar_t>() : nullptr, pooled.mutable_data_ptr<A>(),
+        partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), b1p, pooled.mutable_data_ptr<A>(),
         hidden.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L, sp.splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     logits_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
-        hidden.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(),
-        b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr, logits.mutable_data_ptr<A>(),
+        hidden.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), b2p, logits.mutable_data_ptr<A>(),
         gates.mutable_data_ptr<A>(), g.N, g.C, g.S, act, gt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
     scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
         out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), t, g.mask_row_bytes);
@@ -817,28 +1247,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const uint8_t* mask = out_relu ? relu_mask.const_data_ptr<uint8_t>() : nullptr;
-    (sums_vector<scalar_t>(g, x.const_data_ptr(), grad_y.const_data_ptr()) ? channel_sums_kernel<scalar_t, A, true>
-                                                                          : channel_sums_kernel<scalar_t, A, false>)
-        <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(),
-            lay, sp.per_split, sp.splits, cblocks, true, out_relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dz1_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
-        partial.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), hidden.const_data_ptr<A>(),
-        logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(),
-        gates.mutable_data_ptr<A>(), g.N, g.C, g.S, sp.splits, act, gt);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dp_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
-        dz1.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (need_grad_x || need_grad_residual) {
-      scalar_t* dx = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* dres = need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
-      const RowTiles t = element_tiles<scalar_t>(g, {grad_y.const_data_ptr(), dx, dres});
-      grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
-          grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(), dx, dres, t,
-          g.mask_row_bytes);
+    scalar_t* dx = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dres = need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+    const RowTiles t = element_tiles<scalar_t>(g, {grad_y.const_data_ptr(), dx, dres});
+    const bool streamed = (dx != nullptr || dres != nullptr) &&
+                          backward_streamed<scalar_t, A>(g, grad_y, x, mask, w1, w2, hidden, logits, dx, dres, dz1,
+                                                         dz2, z, gates, dp, t, cblocks, act, gt, stream);
+    if (!streamed) {
+      (sums_vector<scalar_t>(g, x.const_data_ptr(), grad_y.const_data_ptr()) ? channel_sums_kernel<scalar_t, A, true>
+                                                                            : channel_sums_kernel<scalar_t, A, false>)
+          <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(),
+              lay, sp.per_split, sp.splits, cblocks, true, out_relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dz1_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
+          partial.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), hidden.const_data_ptr<A>(),
+          logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(),
+          gates.mutable_data_ptr<A>(), g.N, g.C, g.S, sp.splits, act, gt);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dp_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
+          dz1.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (dx != nullptr || dres != nullptr) {
+        grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(), dx, dres, t,
+            g.mask_row_bytes);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     }
     const int64_t wblocks = (g.C + kThreads - 1) / kThreads * g.S * wchunks;
     if (wchunks == 1) {

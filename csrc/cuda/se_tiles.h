@@ -75,19 +75,26 @@ struct Tile {
   int64_t gate_base;  // gate index of element i of the row: gate_base + (pixel_rows ? i : 0)
 };
 
+// Tile number `item` of the launch, row-major over (row, chunk).
+SE_HD Tile tile_at(const RowTiles& t, int64_t item) {
+  Tile tile;
+  const int64_t row = item / t.chunks;
+  const int64_t n = row / t.rows_per_sample;
+  tile.row = row;
+  tile.begin = (item - row * t.chunks) * t.tile_len;
+  tile.end = tile.begin + t.tile_len < t.row_len ? tile.begin + t.tile_len : t.row_len;
+  tile.gate_base = t.pixel_rows ? n * t.C : n * t.C + (row - n * t.rows_per_sample);
+  return tile;
+}
+
 // The tile of warp `warp` of block `block`; `reversed`: the last tile first (the second pass of
 // the split plan walks x backwards, reading first what the first pass read last, most likely
-// still in L2). Returns false for the warps past the last tile.
+// still in L2). Returns false for the warps past the last tile. (The streamed plan,
+// csrc/cuda/se_stream.h, numbers each group's tiles itself and calls tile_at.)
 SE_HD bool tile_of(const RowTiles& t, int64_t block, int warp, bool reversed, Tile* out) {
   const int64_t k = block * kWarpsPerBlock + warp;
   if (k >= t.tiles()) return false;
-  const int64_t item = reversed ? t.tiles() - 1 - k : k;
-  const int64_t row = item / t.chunks;
-  const int64_t n = row / t.rows_per_sample;
-  out->row = row;
-  out->begin = (item - row * t.chunks) * t.tile_len;
-  out->end = out->begin + t.tile_len < t.row_len ? out->begin + t.tile_len : t.row_len;
-  out->gate_base = t.pixel_rows ? n * t.C : n * t.C + (row - n * t.rows_per_sample);
+  *out = tile_at(t, reversed ? t.tiles() - 1 - k : k);
   return true;
 }
 

@@ -5,13 +5,16 @@ channels_last (s_c = 1) run the same kernels; y, residual, grad_y, grad_x and gr
 have x's strides. The weights are contiguous: w1 (S, C), w2 (C, S). Float32 accumulation
 (float64 for float64 inputs: the ACC constexpr).
 
-Two plans (chosen in launch.py):
+Three plans (chosen in launch.py):
   * fused: one program per sample holds its whole (C, L) slice in registers: pool, MLP, scale
     (backward: gate gradient, MLP backward, grad_x) in one launch, x read once.
   * split: per-(sample, channel block, pixel split) partial sums, the MLP as two small GEMMs
     over blocks of samples (each weight read once per block; backward the same way), then a
     per-tile elementwise kernel; the reduction over pixels is spread over programs so a few
     large samples still fill the GPU.
+  * streamed (batches whose split plan would re-read x from HBM): the split plan's stages per
+    group of samples as the work items of one persistent kernel (se_streamed_*_kernel, at the
+    end of this file), so that each group's x is re-read from L2.
 The weight gradients are one more kernel that sums the batch in order, in chunks of samples whose
 partials a last kernel adds in chunk order: deterministic, no atomics.
 
@@ -216,7 +219,13 @@ def _reversed_tile(C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.
     Only the order changes: every program still writes its own tile, and the results are the
     same bits. WIDE (C * L >= 2^31): channel and pixel indices in int64, so that offsets
     within one sample do not overflow."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    return _tile_at(tl.num_programs(0) - 1 - tl.program_id(0), C, L, BLOCK_C, BLOCK_L, WIDE)
+
+
+@triton.jit
+def _tile_at(tile, C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr):
+    """(n, channel indices, pixel indices) of tile number `tile` of the (N, C blocks, L blocks)
+    tiles, pixel blocks fastest (see _reversed_tile)."""
     l_blocks = tl.cdiv(L, BLOCK_L)
     c_blocks = tl.cdiv(C, BLOCK_C)
     n = (tile // (l_blocks * c_blocks)).to(tl.int64)
@@ -231,23 +240,26 @@ def _reversed_tile(C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.
 @triton.jit
 def _scale_tile(x, g, offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
                 HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """y = out_act(x * g + residual) for one tile; x: [BLOCK_C, BLOCK_L] in ACC, g: [BLOCK_C]."""
+                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, LAST: tl.constexpr = ""):
+    """y = out_act(x * g + residual) for one tile; x: [BLOCK_C, BLOCK_L] in ACC, g: [BLOCK_C].
+    LAST: the eviction policy of the residual's load and y's store ("evict_first" in the streamed
+    plan: neither is read again, so their L2 lines go first)."""
     out = x * g[:, None]
     if HAS_RES:
-        out += tl.load(res_ptr + offsets, mask=inside, other=0.0).to(ACC)
+        out += tl.load(res_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
     if OUT_RELU:
         _store_mask(mask_ptr, out > 0, n, c, l, C, L, row_bytes, BLOCK_C, BLOCK_L, PIXEL_ROWS)
         out = tl.where(out < 0, 0.0, out)  # keeps NaN, as torch.relu does
-    tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
 
 
 @triton.jit
 def _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes,
                  OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """dy' = dy where the relu let the output through (else 0), as a tile in ACC."""
-    dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
+                 BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, LAST: tl.constexpr = ""):
+    """dy' = dy where the relu let the output through (else 0), as a tile in ACC (LAST: dy's
+    eviction policy)."""
+    dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
     if OUT_RELU:
         dy = tl.where(_load_mask(mask_ptr, n, c, l, C, L, row_bytes, BLOCK_C, BLOCK_L, PIXEL_ROWS), dy, 0.0)
     return dy
@@ -267,12 +279,15 @@ def _tile_offsets(C, L, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.conste
 
 
 @triton.jit
-def _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr):
-    """grad_x = dy' * g + dp, grad_residual = dy' for one tile (g, dp: [BLOCK_C])."""
+def _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+               LAST: tl.constexpr = ""):
+    """grad_x = dy' * g + dp, grad_residual = dy' for one tile (g, dp: [BLOCK_C]; LAST: the
+    stores' eviction policy)."""
     if NEED_DRES:
-        tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside)
+        tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
     if NEED_DX:
-        tl.store(dx_ptr + offsets, (dy * g[:, None] + dp[:, None]).to(dx_ptr.dtype.element_ty), mask=inside)
+        tl.store(dx_ptr + offsets, (dy * g[:, None] + dp[:, None]).to(dx_ptr.dtype.element_ty), mask=inside,
+                 eviction_policy=LAST)
 
 
 # ---- the kernels ---------------------------------------------------------------------------
@@ -321,7 +336,17 @@ def channel_sums_kernel(
 ):
     """partial[n, split, c] = sum over the split's pixels of x (DOT: of dy' * x). 1-D grid over
     (N, C blocks, SPLITS), splits fastest; pixels_per_split is a multiple of BLOCK_L."""
-    pid = tl.program_id(0)
+    _channel_sums_body(tl.program_id(0), x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                       pixels_per_split, SPLITS, DOT, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
+
+
+@triton.jit
+def _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes, pixels_per_split,
+                       SPLITS, DOT: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+                       LAST: tl.constexpr = ""):
+    """channel_sums_kernel's program `pid` (LAST: the backward's eviction policy for x, which it
+    does not read again)."""
     split = pid % SPLITS
     c = (pid // SPLITS) % tl.cdiv(C, BLOCK_C) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = (pid // (SPLITS * tl.cdiv(C, BLOCK_C))).to(tl.int64)
@@ -337,10 +362,12 @@ def channel_sums_kernel(
             l = l.to(tl.int64)
         inside = c_ok[:, None] & (l < last)[None, :]
         offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
-        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
         if DOT:
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
             x *= _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS,
                               ACC, BLOCK_C, BLOCK_L)
+        else:
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
         acc += x
     tl.store(partial_ptr + (n * SPLITS + split) * C + c, tl.sum(acc, axis=1), mask=c_ok)
 
@@ -360,11 +387,13 @@ def _sample_block(N, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr):
 
 @triton.jit
 def _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_C: tl.constexpr):
-    """[BLOCK_N, BLOCK_C] sums over the pixel splits of the (N, SPLITS, C) partials, in order."""
+                BLOCK_C: tl.constexpr, SHARED: tl.constexpr = ""):
+    """[BLOCK_N, BLOCK_C] sums over the pixel splits of the (N, SPLITS, C) partials, in order
+    (SHARED: their loads' cache modifier, ".cg" where this kernel's other programs wrote them)."""
     total = tl.zeros([BLOCK_N, BLOCK_C], ACC)
     for split in range(0, SPLITS):
-        total += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0)
+        total += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0,
+                         cache_modifier=SHARED)
     return total
 
 
@@ -382,14 +411,22 @@ def se_hidden_kernel(
     once per BLOCK_N samples, and the programs (N blocks x S blocks) share the work. 1-D grid, N
     blocks fastest; the S block 0 programs store pooled."""
     n, s, pid_s = _sample_block(N, BLOCK_N, BLOCK_S)
-    n_ok = n < N
+    _hidden_body(n, n < N, s, pid_s, partial_ptr, w1_ptr, b1_ptr, pooled_ptr, hidden_ptr, C, S, L, SPLITS,
+                 HAS_B1, ACC, BLOCK_N, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def _hidden_body(n, n_ok, s, pid_s, partial_ptr, w1_ptr, b1_ptr, pooled_ptr, hidden_ptr, C, S, L, SPLITS,
+                 HAS_B1: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_C: tl.constexpr, SHARED: tl.constexpr = ""):
+    """se_hidden_kernel's work for samples n (n_ok: which are) and hidden units s of block pid_s."""
     s_ok = s < S
     acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         nc_ok = n_ok[:, None] & c_ok[None, :]
-        p = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C)
+        p = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C, SHARED)
         p = p / L
         tl.store(pooled_ptr + n[:, None] * C + c[None, :], p, mask=nc_ok & (pid_s == 0))
         w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
@@ -412,13 +449,22 @@ def se_logits_kernel(
     samples x BLOCK_C channels (each W2 row read once per BLOCK_N samples). 1-D grid over (C
     blocks, N blocks), N blocks fastest."""
     n, c, _ = _sample_block(N, BLOCK_N, BLOCK_C)
-    n_ok = n < N
+    _logits_body(n, n < N, c, hidden_ptr, w2_ptr, b2_ptr, logits_ptr, gates_ptr, C, S, ACT, GATE, HAS_B2, ACC,
+                 BLOCK_N, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _logits_body(n, n_ok, c, hidden_ptr, w2_ptr, b2_ptr, logits_ptr, gates_ptr, C, S, ACT: tl.constexpr,
+                 GATE: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SHARED: tl.constexpr = ""):
+    """se_logits_kernel's work for samples n (n_ok: which are) and channels c."""
     c_ok = c < C
     acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < S
-        u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
+        u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0,
+                     cache_modifier=SHARED)
         z = tl.where(s_ok[None, :], _activation(u1, ACT), 0.0)
         w2 = tl.load(w2_ptr + c[:, None] * S + s[None, :], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
         acc += tl.sum(z[:, None, :] * w2[None, :, :], axis=2)
@@ -441,13 +487,23 @@ def se_scale_kernel(
     """y = out_act(x * g + residual), 1-D grid over (N, C blocks, L blocks) tiles, walked
     backwards (see _reversed_tile)."""
     n, c, l = _reversed_tile(C, L, BLOCK_C, BLOCK_L, WIDE)
+    _scale_body(n, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def _scale_body(n, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "", LAST: tl.constexpr = ""):
+    """se_scale_kernel's tile (n, c, l): x's last read (LAST: its eviction policy), the gates
+    (SHARED: their cache modifier)."""
     c_ok = c < C
     inside = c_ok[:, None] & (l < L)[None, :]
     offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
-    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
+    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
     _scale_tile(x, g, offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
-                HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L)
+                HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, LAST)
 
 
 @triton.jit
@@ -496,14 +552,22 @@ def se_dz1_kernel(
     product reduces along its last axis, like se_hidden_kernel's (reducing the middle axis
     spilled 4 B on sm_90). 1-D grid, N blocks fastest."""
     n, s, pid_s = _sample_block(N, BLOCK_N, BLOCK_S)
-    n_ok = n < N
+    _dz1_body(n, n < N, s, pid_s, partial_ptr, w2_ptr, hidden_ptr, logits_ptr, dz1_ptr, dz2_ptr, gates_ptr, C, S,
+              SPLITS, ACT, GATE, ACC, BLOCK_N, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def _dz1_body(n, n_ok, s, pid_s, partial_ptr, w2_ptr, hidden_ptr, logits_ptr, dz1_ptr, dz2_ptr, gates_ptr, C, S,
+              SPLITS, ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SHARED: tl.constexpr = ""):
+    """se_dz1_kernel's work for samples n (n_ok: which are) and hidden units s of block pid_s."""
     s_ok = s < S
     acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
         nc_ok = n_ok[:, None] & c_ok[None, :]
-        dg = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C)
+        dg = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C, SHARED)
         u2 = tl.load(logits_ptr + n[:, None] * C + c[None, :], mask=nc_ok, other=0.0)
         g = _gate(u2, GATE)
         dz2 = tl.where(nc_ok, dg * _gate_grad(u2, g, GATE), 0.0)
@@ -530,13 +594,20 @@ def se_dp_kernel(
     pooled value, for BLOCK_N samples x BLOCK_C channels; W1 read as [BLOCK_C, BLOCK_S] tiles
     (W1^T), the product reduced along its last axis. 1-D grid, N blocks fastest."""
     n, c, _ = _sample_block(N, BLOCK_N, BLOCK_C)
-    n_ok = n < N
+    _dp_body(n, n < N, c, dz1_ptr, w1_ptr, dp_ptr, C, S, L, ACC, BLOCK_N, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _dp_body(n, n_ok, c, dz1_ptr, w1_ptr, dp_ptr, C, S, L, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SHARED: tl.constexpr = ""):
+    """se_dp_kernel's work for samples n (n_ok: which are) and channels c."""
     c_ok = c < C
     acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < S
-        dz1 = tl.load(dz1_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0)
+        dz1 = tl.load(dz1_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0,
+                      cache_modifier=SHARED)
         w1t = tl.load(w1_ptr + s[None, :] * C + c[:, None], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
         acc += tl.sum(dz1[:, None, :] * w1t[None, :, :], axis=2)
     tl.store(dp_ptr + n[:, None] * C + c[None, :], acc / L, mask=n_ok[:, None] & c_ok[None, :])
@@ -553,11 +624,22 @@ def se_grad_input_kernel(
     """grad_x = dy' * g + dp and grad_residual = dy', 1-D grid over (N, C blocks, L blocks)
     tiles, walked backwards (see _reversed_tile)."""
     n, c, l, c_ok, inside, offsets = _tile_offsets(C, L, s_n, s_c, s_l, BLOCK_C, BLOCK_L, WIDE)
+    _grad_input_body(n, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr, dp_ptr, C, L,
+                     row_bytes, OUT_RELU, NEED_DX, NEED_DRES, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def _grad_input_body(n, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr, dp_ptr, C, L,
+                     row_bytes, OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+                     PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                     SHARED: tl.constexpr = "", LAST: tl.constexpr = ""):
+    """se_grad_input_kernel's tile: dy's last read and the outputs' stores with eviction policy
+    LAST, the gates and dp with cache modifier SHARED."""
     dy = _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS, ACC,
-                      BLOCK_C, BLOCK_L)
-    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0)
-    dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0)
-    _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX, NEED_DRES)
+                      BLOCK_C, BLOCK_L, LAST)
+    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
+    dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
+    _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX, NEED_DRES, LAST)
 
 
 @triton.jit
@@ -701,3 +783,164 @@ def ca_grad_input_max_kernel(
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
         out = dy * g[:, None] + dp[:, None] + tl.where(x == mx[:, None], dm[:, None], 0.0)
         tl.store(dx_ptr + offsets, out.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+# ---- the streamed plan: one persistent kernel per direction ----------------------------------
+#
+# As the CUDA backend's (csrc/cuda/se_stream.h, where the schedule and the argument for progress
+# are written out; se_kernels/triton/launch.py stream_schedule computes the same schedule): the
+# split plan's four stages per group of GROUP samples, as numbered work items that programs claim
+# in order from one atomic counter (the next number claimed when an item starts). Round r holds
+# stage k's items of group r - lag[k]. An item of stage k > 0 waits (an acquire load, on one
+# thread, then a barrier) until every item of stage k - 1 of its group has signalled (a barrier,
+# then a release add on one thread). What items exchange is loaded with the ".cg" cache modifier
+# (from L2); the element-wise items' last reads and their outputs carry evict-first hints, so that
+# only x (backward: dy) and the mask compete for the L2 until a group's re-read. Items are one
+# split-plan program each: a channel-sum tile, an MLP block of the group's samples, an
+# element-wise tile (the group's last tile first).
+
+
+@triton.jit
+def _stream_item(i, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3):
+    """(stage, group, index) of item number i; stage -1 where its group does not exist."""
+    size = P0 + P1 + P2 + P3
+    rnd = i // size
+    j = i - rnd * size
+    stage = tl.where(j < P0, 0, tl.where(j < P0 + P1, 1, tl.where(j < P0 + P1 + P2, 2, 3)))
+    lag = tl.where(stage == 0, 0, tl.where(stage == 1, LAG1, tl.where(stage == 2, LAG2, LAG3)))
+    start = tl.where(stage == 0, 0, tl.where(stage == 1, P0, tl.where(stage == 2, P0 + P1, P0 + P1 + P2)))
+    g = rnd - lag
+    return tl.where((g >= 0) & (g < GROUPS), stage, -1), g, j - start
+
+
+@triton.jit
+def _stream_claim(counters_ptr, GROUPS):
+    """The next item number (the claim counter follows the 3 per group). Item numbers, tiles and
+    channel-sum programs are below 2^31 (launch.Plan checks): int32, whose divisions are inline
+    (int64 ones are a called routine with a stack frame, which spilled)."""
+    return tl.atomic_add(counters_ptr + GROUPS * 3, 1).to(tl.int32)
+
+
+@triton.jit
+def _stream_start(i, counters_ptr, N, GROUP, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3):
+    """(stage, group, index, its first sample, past its last) of item i, once it may run: an item
+    of stage k > 0 first waits until every item of stage k - 1 of its group has signalled."""
+    stage, g, index = _stream_item(i, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3)
+    if stage > 0:
+        need = tl.where(stage == 1, P0, tl.where(stage == 2, P1, P2))
+        while tl.atomic_add(counters_ptr + g * 3 + stage - 1, 0, sem="acquire") < need:
+            pass
+    n0 = g * GROUP
+    return stage, g, index, n0, tl.minimum(n0 + GROUP, N)
+
+
+@triton.jit
+def _stream_signal(counters_ptr, g, stage):
+    """This item (of stage 0-2) is done: every thread's stores before one release add."""
+    tl.debug_barrier()
+    tl.atomic_add(counters_ptr + g * 3 + stage, 1, sem="release")
+
+
+@triton.jit
+def se_streamed_forward_kernel(
+    x_ptr, res_ptr, y_ptr, mask_ptr,  # as in se_forward_fused_kernel
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    partial_ptr,  # (N, SPLITS, C): one split per pixel block
+    pooled_ptr, hidden_ptr, logits_ptr, gates_ptr,  # (N, C), (N, S), (N, C), (N, C) in ACC
+    counters_ptr,  # int64, zeros: 3 per group, then the claim counter
+    N, C, S, L, s_n, s_c, s_l, row_bytes, SPLITS,
+    GROUP, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3,
+    ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+    MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
+    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr,
+):
+    """The forward's streamed plan: channel sums -> hidden -> logits and gates -> scale, per group."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    tiles_per_sample = c_blocks * tl.cdiv(L, BLOCK_L)
+    items = (GROUPS + LAG3) * (P0 + P1 + P2 + P3)
+    i = _stream_claim(counters_ptr, GROUPS)
+    while i < items:
+        ahead = _stream_claim(counters_ptr, GROUPS)
+        stage, g, index, n0, n1 = _stream_start(i, counters_ptr, N, GROUP, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3)
+        if stage >= 0:
+            if stage == 0:
+                pid = n0 * (c_blocks * SPLITS) + index
+                if pid < n1 * (c_blocks * SPLITS):
+                    _channel_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                                       BLOCK_L, SPLITS, False, False, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
+            elif stage == 1:
+                n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
+                _hidden_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w1_ptr,
+                             b1_ptr, pooled_ptr, hidden_ptr, C, S, L, SPLITS, HAS_B1, ACC, MLP_BLOCK_N, MLP_BLOCK_S,
+                             MLP_CHUNK_C, ".cg")
+            elif stage == 2:
+                n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
+                _logits_body(n, n < n1, index * MLP_BLOCK_C + tl.arange(0, MLP_BLOCK_C), hidden_ptr, w2_ptr, b2_ptr,
+                             logits_ptr, gates_ptr, C, S, ACT, GATE, HAS_B2, ACC, MLP_BLOCK_N, MLP_BLOCK_C,
+                             MLP_CHUNK_S, ".cg")
+            else:
+                tile = n1 * tiles_per_sample - 1 - index
+                if tile >= n0 * tiles_per_sample:
+                    nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
+                    _scale_body(nt, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l,
+                                row_bytes, HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, ".cg", "evict_first")
+            if stage < 3:
+                _stream_signal(counters_ptr, g, stage)
+        i = ahead
+
+
+@triton.jit
+def se_streamed_backward_kernel(
+    dy_ptr, x_ptr, mask_ptr, dx_ptr, dres_ptr,  # as in se_backward_fused_kernel
+    w1_ptr, w2_ptr, hidden_ptr, logits_ptr,  # (S, C), (C, S); saved (N, S), (N, C)
+    partial_ptr,  # (N, SPLITS, C) in ACC
+    dz1_ptr, dz2_ptr, gates_ptr, dp_ptr,  # (N, S), (N, C), (N, C), (N, C) in ACC
+    counters_ptr,
+    N, C, S, L, s_n, s_c, s_l, row_bytes, SPLITS,
+    GROUP, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3,
+    ACT: tl.constexpr, GATE: tl.constexpr, OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
+    MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
+    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr,
+):
+    """The backward's streamed plan: sums of dy' * x -> dz1 (dz2, gates) -> dp -> grad_input, per
+    group; the weight gradients follow as in the split plan."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    tiles_per_sample = c_blocks * tl.cdiv(L, BLOCK_L)
+    items = (GROUPS + LAG3) * (P0 + P1 + P2 + P3)
+    i = _stream_claim(counters_ptr, GROUPS)
+    while i < items:
+        ahead = _stream_claim(counters_ptr, GROUPS)
+        stage, g, index, n0, n1 = _stream_start(i, counters_ptr, N, GROUP, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3)
+        if stage >= 0:
+            if stage == 0:
+                pid = n0 * (c_blocks * SPLITS) + index
+                if pid < n1 * (c_blocks * SPLITS):
+                    _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                                       BLOCK_L, SPLITS, True, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
+                                       "evict_first")
+            elif stage == 1:
+                n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
+                _dz1_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w2_ptr,
+                          hidden_ptr, logits_ptr, dz1_ptr, dz2_ptr, gates_ptr, C, S, SPLITS, ACT, GATE, ACC,
+                          MLP_BLOCK_N, MLP_BLOCK_S, MLP_CHUNK_C, ".cg")
+            elif stage == 2:
+                n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
+                _dp_body(n, n < n1, index * MLP_BLOCK_C + tl.arange(0, MLP_BLOCK_C), dz1_ptr, w1_ptr, dp_ptr, C, S,
+                         L, ACC, MLP_BLOCK_N, MLP_BLOCK_C, MLP_CHUNK_S, ".cg")
+            else:
+                tile = n1 * tiles_per_sample - 1 - index
+                if tile >= n0 * tiles_per_sample:
+                    nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
+                    c_ok = c < C
+                    inside = c_ok[:, None] & (l < L)[None, :]
+                    offsets = nt * s_n + c[:, None] * s_c + l[None, :] * s_l
+                    _grad_input_body(nt, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr,
+                                     dp_ptr, C, L, row_bytes, OUT_RELU, NEED_DX, NEED_DRES, PIXEL_ROWS, ACC, BLOCK_C,
+                                     BLOCK_L, ".cg", "evict_first")
+            if stage < 3:
+                _stream_signal(counters_ptr, g, stage)
+        i = ahead

@@ -1,4 +1,4 @@
-"""Launch plans for the Triton kernels: which plan (fused or split), tile sizes, grids.
+"""Launch plans for the Triton kernels: which plan (fused, split or streamed), tile sizes, grids.
 
 The inputs come in the kernel layout (se_kernels.ops.as_kernel_layout / like_layout): x,
 residual and grad_y NCHW- or channels_last-contiguous with equal strides.
@@ -7,6 +7,7 @@ residual and grad_y NCHW- or channels_last-contiguous with equal strides.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -29,6 +30,15 @@ MLP_BLOCK_N = 8  # samples per program of the split plans' MLP GEMMs (each weigh
 MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
+STREAM_MIN_LAG, STREAM_MAX_GROUP = 3, 8  # csrc/cuda/se_stream.h kMinLag, kMaxGroup
+STREAM_BUDGET_ENV = "SE_KERNELS_STREAM_BUDGET"  # bytes of L2 the streamed plans count on (0: never stream)
+STREAM_PROGRAMS_PER_SM = 1  # persistent programs of the streamed plan per multiprocessor
+# bytes one tile of the streamed plan loads (x; backward dy and x), at most STREAM_TILE_ELEMENTS
+# (forward) or TILE_ELEMENTS (backward) elements: a program (16 warps, one per SM) has one tile's
+# loads in flight, and the HBM latency needs about 26 KiB per SM (benchmarks/gpu_model.py).
+# Larger tiles spilled (sm_80, sm_90): bfloat16 forward tiles of 16384 elements, backward of 8192.
+STREAM_TILE_BYTES = 32768
+STREAM_TILE_ELEMENTS = 8192
 
 
 def _pow2(n: int) -> int:
@@ -63,14 +73,15 @@ class Geometry:
     def fused(self, limit: int) -> bool:
         return self.block_c_all * self.block_l_all <= limit
 
-    def tile(self):
-        """(BLOCK_C, BLOCK_L) of the split plan: the contiguous axis innermost and long."""
+    def tile(self, elements: int = TILE_ELEMENTS):
+        """(BLOCK_C, BLOCK_L) of the split plan (the streamed plan: `elements`): the contiguous
+        axis innermost and long."""
         if self.pixel_rows:
             block_c = max(min(_pow2(self.C), 128), self.min_c)
-            block_l = max(TILE_ELEMENTS // block_c, self.min_l)
+            block_l = max(elements // block_c, self.min_l)
         else:
             block_l = max(min(_pow2(self.L), 128), self.min_l)
-            block_c = max(TILE_ELEMENTS // block_l, self.min_c)
+            block_c = max(elements // block_l, self.min_c)
         return min(block_c, max(_pow2(self.C), self.min_c)), min(block_l, max(_pow2(self.L), self.min_l))
 
     def splits(self, block_c: int, block_l: int, sm_count: int):
@@ -85,6 +96,50 @@ class Geometry:
         return triton.cdiv(self.L, per_split), per_split
 
 
+def stream_schedule(n: int, kept: int, budget: int, pool_per_sample: int, first: int, second: int,
+                    apply_per_sample: int, per_apply_item: int = 1) -> Optional[dict]:
+    """The streamed plans' schedule (csrc/cuda/se_stream.h make_schedule, which
+    tests/test_cuda_stream.py compiles for the host and compares with this): groups of `group`
+    samples, each stage's items per group, the rounds' lags; None where the plan does not apply
+    (fewer than two groups, or fewer than STREAM_MIN_LAG + 1 samples' kept bytes fit the budget).
+    kept: the bytes per sample kept in L2 from the first read to the re-read; apply_per_sample:
+    element-wise tiles per sample, per_apply_item of them an item."""
+    if n < 2 or kept <= 0:
+        return None
+    fit = budget // kept
+    if fit < STREAM_MIN_LAG + 1:
+        return None
+    group = min(STREAM_MAX_GROUP, max(1, fit // (2 * STREAM_MIN_LAG + 2)))
+    groups = triton.cdiv(n, group)
+    if groups < 2:
+        return None
+    lag = min(fit // group - 1, groups)
+    lag1 = max(1, lag // 3)
+    per = [group * pool_per_sample, first, second, triton.cdiv(group * apply_per_sample, per_apply_item)]
+    return dict(group=group, groups=groups, per=per, lag=[0, lag1, max(lag1, 2 * lag // 3), lag],
+                items=(groups + lag) * sum(per))
+
+
+def stream_budget(device: torch.device) -> int:
+    """The L2 bytes the streamed plan counts on: SE_KERNELS_STREAM_BUDGET if set (0: never
+    stream; the interpreter streams only then), else half the GPU's L2 (what both L2 partitions
+    touch may be held twice)."""
+    env = os.environ.get(STREAM_BUDGET_ENV)
+    if env is not None:
+        if not env.isdigit():
+            raise ValueError(f"se_kernels: {STREAM_BUDGET_ENV} must be a byte count >= 0; got {env!r}")
+        return int(env)
+    if device.type != "cuda" or not torch.cuda.is_available():  # fake CUDA tensors without a GPU: no L2 to size
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _L2_BUDGET:
+        _L2_BUDGET[index] = torch.cuda.get_device_properties(index).L2_cache_size // 2
+    return _L2_BUDGET[index]
+
+
+_L2_BUDGET: dict = {}
+
+
 # CUDA grids: x up to 2^31 - 1 programs, y and z up to 65535. Every grid here is 1-D, its size
 # a product of the problem's sizes, so only x grows with N, C, S or H*W.
 GRID_X_MAX = 2**31 - 1
@@ -95,7 +150,8 @@ class Plan:
     every kernel's grid (name -> 1-D grid). Shapes only: it runs on meta tensors too, which is
     how tests/test_triton.py checks the grid limits for sizes no test could allocate."""
 
-    def __init__(self, g: Geometry, backward: bool, sm_count: int):
+    def __init__(self, g: Geometry, backward: bool, sm_count: int, budget: int = 0, elem: int = 4,
+                 tensors: int = 0):
         self.fused = g.fused(FUSED_BACKWARD_ELEMENTS if backward else FUSED_FORWARD_ELEMENTS)
         self.block_c, self.block_l = g.tile()
         self.splits, self.per_split = g.splits(self.block_c, self.block_l, sm_count)
@@ -120,8 +176,14 @@ class Plan:
         # programs per chunk (more programs in flight, fewer samples in series each)
         self.wgrad_chunks = triton.cdiv(g.N, WGRAD_CHUNK)
         self.wgrad_per_chunk = triton.cdiv(g.N, self.wgrad_chunks) if g.N else 1
+        # the streamed plan (budget > 0; elem: bytes per element; tensors: the x-sized tensors the op
+        # reads and writes): where the split plan's re-read would miss L2
+        self.stream = None if self.fused else self._stream(g, backward, budget, elem, tensors)
         if self.fused:
             self.grids = {("se_backward_fused_kernel" if backward else "se_forward_fused_kernel"): (g.N,)}
+        elif self.stream is not None:
+            name = "se_streamed_backward_kernel" if backward else "se_streamed_forward_kernel"
+            self.grids = {name: (min(self.stream["items"], STREAM_PROGRAMS_PER_SM * max(sm_count, 1)),)}
         else:
             self.grids = {
                 "channel_sums_kernel": (g.N * c_blocks * self.splits,),
@@ -137,6 +199,30 @@ class Plan:
         for name, grid in self.grids.items():
             if grid[0] > GRID_X_MAX:
                 raise ValueError(f"se_kernels: {name} would need {grid[0]} programs, over CUDA's grid limit")
+
+    def _stream(self, g: Geometry, backward: bool, budget: int, elem: int, tensors: int) -> Optional[dict]:
+        """The streamed schedule, or None: each channel-sum and element-wise item one tile, the
+        MLP items the split plan's programs over the group's samples (at most mlp_block_n). Kept in
+        L2 per sample: x (dy) and the mask; touched by the split plan: every tensor and the mask."""
+        mask = (g.L if g.pixel_rows else g.C) * g.row_bytes if g.out_relu else 0  # one sample's
+        x = g.C * g.L * elem
+        if budget <= 0 or g.N * (tensors * x + mask) <= budget:
+            return None
+        elements = (min(TILE_ELEMENTS, STREAM_TILE_BYTES // (2 * elem)) if backward
+                    else min(STREAM_TILE_ELEMENTS, STREAM_TILE_BYTES // elem))
+        block_c, block_l = g.tile(elements)
+        if (block_c if g.pixel_rows else block_l) < 128:  # short rows: a 128 x 64 float32 tile spilled (sm_90)
+            block_c, block_l = g.tile(min(elements, TILE_ELEMENTS))
+        self.stream_block_c, self.stream_block_l = block_c, block_l
+        tiles = triton.cdiv(g.C, self.stream_block_c) * triton.cdiv(g.L, self.stream_block_l)
+        sched = stream_schedule(g.N, x + mask, budget, tiles, triton.cdiv(g.S, self.mlp_block_s),
+                                triton.cdiv(g.C, self.mlp_block_c), tiles)
+        if sched is None or sched["group"] > self.mlp_block_n:
+            return None
+        # the kernels number items, tiles and channel-sum programs in int32
+        if max(sched["items"], g.N * tiles, 3 * sched["groups"] + 1) >= 2**31:
+            return None
+        return sched
 
     def _mlp_grids(self, g: Geometry, backward: bool) -> dict:
         """The split plan's MLP: two GEMMs over sample blocks, one program per (sample block, S
@@ -190,6 +276,34 @@ def _channel_sums(g: Geometry, plan: Plan, x, dy, mask_arg, dot: bool, dtype: to
     return partial
 
 
+# The streamed kernels: one program of 16 warps per SM (at most 128 registers a thread). With 8
+# warps a program, ptxas gave some variants 80 or 128 registers and spilled (sm_80, sm_90); with
+# 8 warps and maxnreg=128 more of them spilled.
+STREAM_WARPS = 16
+STREAM_MAX_REGISTERS = 128  # all a 512-thread program can have; ptxas chose 64 and spilled (sm_80) without it
+
+
+def _stream_buffers(g: Geometry, plan: Plan, x: torch.Tensor, acc_dtype: torch.dtype):
+    """(pixel splits, the (N, splits, C) partial sums, the zeroed counters) of a streamed launch:
+    one split per pixel block of the tile; 3 counters per group, then the claim counter."""
+    splits = triton.cdiv(g.L, plan.stream_block_l)
+    partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=acc_dtype)
+    return splits, partial, torch.zeros(3 * plan.stream["groups"] + 1, device=x.device, dtype=torch.int64)
+
+
+def _stream_args(st: dict) -> tuple:
+    """GROUP, GROUPS, P0..P3, LAG1..LAG3 of the streamed kernels."""
+    return (st["group"], st["groups"], *st["per"], *st["lag"][1:])
+
+
+def _stream_blocks(g: Geometry, plan: Plan) -> dict:
+    """The streamed kernels' tile constexprs: their own tile (STREAM_TILE_BYTES), the split plan's
+    MLP blocks."""
+    return dict(BLOCK_C=plan.stream_block_c, BLOCK_L=plan.stream_block_l, WIDE=g.wide, MLP_BLOCK_N=plan.mlp_block_n,
+                MLP_BLOCK_S=plan.mlp_block_s, MLP_CHUNK_C=plan.mlp_chunk_c, MLP_BLOCK_C=plan.mlp_block_c,
+                MLP_CHUNK_S=plan.mlp_chunk_s)
+
+
 # Set by se_kernels/triton/op.py: launch through torch.library.wrap_triton (the ops are
 # triton_ops, traced by torch.compile) or call the kernels directly (custom ops, interpreter).
 WRAP_TRITON = False
@@ -215,7 +329,8 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
     g = Geometry(x, w1.shape[0], out_relu)
     if g.N == 0:
         return y, pooled, hidden, logits, mask
-    plan = Plan(g, backward=False, sm_count=sm_count(x.device))
+    plan = Plan(g, backward=False, sm_count=sm_count(x.device), budget=stream_budget(x.device),
+                elem=x.element_size(), tensors=2 + (residual is not None))
     w1, w2 = w1.contiguous(), w2.contiguous()
     flags = dict(
         HAS_RES=residual is not None, OUT_RELU=out_relu, PIXEL_ROWS=g.pixel_rows, ACC=g.acc,
@@ -233,6 +348,15 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
                 g.C, g.S, g.L, *g.strides, g.row_bytes,
                 **mlp, **flags, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all, BLOCK_S=g.block_s,
                 num_warps=_warps(g.block_c_all * g.block_l_all),
+            )
+            return y, pooled, hidden, logits, mask
+        if plan.stream is not None:
+            splits, partial, counters = _stream_buffers(g, plan, x, pooled.dtype)
+            _k(kernels.se_streamed_forward_kernel)[plan.grids["se_streamed_forward_kernel"]](
+                x, res, y, mask_arg, w1, b1_arg, w2, b2_arg, partial, pooled, hidden, logits,
+                torch.empty_like(pooled), counters, g.N, g.C, g.S, g.L, *g.strides, g.row_bytes, splits,
+                *_stream_args(plan.stream), **mlp, **flags, **_stream_blocks(g, plan), num_warps=STREAM_WARPS,
+                maxnreg=STREAM_MAX_REGISTERS,
             )
             return y, pooled, hidden, logits, mask
         partial = _channel_sums(g, plan, x, x, mask_arg, dot=False, dtype=pooled.dtype)
@@ -269,9 +393,12 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
         for t in (grad_w1, grad_b1, grad_w2, grad_b2):
             t.zero_()
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_residual
-    plan = Plan(g, backward=True, sm_count=sm_count(x.device))
-    w1, w2 = w1.contiguous(), w2.contiguous()
     need_dres = need_grad_residual and out_relu
+    # the streamed plan only where an element-wise pass runs (dx or d_residual wanted)
+    plan = Plan(g, backward=True, sm_count=sm_count(x.device),
+                budget=stream_budget(x.device) if need_grad_x or need_dres else 0,
+                elem=x.element_size(), tensors=2 + need_grad_x + need_dres)
+    w1, w2 = w1.contiguous(), w2.contiguous()
     dz1 = torch.empty_like(hidden)
     dz2 = torch.empty_like(pooled)
     mask_arg = relu_mask if out_relu else grad_y
@@ -286,6 +413,16 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
                 ACT=act, GATE=GATE_CODES[gate], OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres,
                 PIXEL_ROWS=g.pixel_rows, ACC=g.acc, BLOCK_C=g.block_c_all, BLOCK_L=g.block_l_all,
                 BLOCK_S=g.block_s, num_warps=_warps(2 * g.block_c_all * g.block_l_all),
+            )
+        elif plan.stream is not None:
+            splits, partial, counters = _stream_buffers(g, plan, x, pooled.dtype)
+            _k(kernels.se_streamed_backward_kernel)[plan.grids["se_streamed_backward_kernel"]](
+                grad_y, x, mask_arg, dx_arg, dres_arg, w1, w2, hidden, gate_logits, partial, dz1, dz2,
+                torch.empty_like(pooled), torch.empty_like(pooled), counters, g.N, g.C, g.S, g.L, *g.strides,
+                g.row_bytes, splits, *_stream_args(plan.stream),
+                ACT=act, GATE=GATE_CODES[gate], OUT_RELU=out_relu, NEED_DX=need_grad_x, NEED_DRES=need_dres,
+                PIXEL_ROWS=g.pixel_rows, ACC=g.acc, **_stream_blocks(g, plan), num_warps=STREAM_WARPS,
+                maxnreg=STREAM_MAX_REGISTERS,
             )
         else:
             partial = _channel_sums(g, plan, x, grad_y, mask_arg, dot=True, dtype=pooled.dtype)
