@@ -3,7 +3,7 @@
 # (torch >= 2.6, Triton >= 3.2) and pytest but no network: build the extension for that GPU,
 # run the GPU tests (and compute-sanitizer's memcheck on a small subset, where installed),
 # benchmark the op and the models, and end with one summary table. Each step has its own time
-# limit (about 8 minutes in all), so a hang in one still leaves the others' output.
+# limit (about 9.5 minutes in all), so a hang in one still leaves the others' output.
 #
 #   bash benchmarks/gpu_check.sh                       # writes into $OUT, else ./gpu_out
 #   STEPS="build tests" bash benchmarks/gpu_check.sh   # a subset (build tests sanitizer op model)
@@ -103,6 +103,8 @@ if want op; then
         --results-dir "$OUT/results"
     TAIL=20 step bench_op_effnet 50 bench_op_effnet.log $PY benchmarks/bench_se.py --device cuda \
         --shape-set efficientnet-b0 --dtypes float32 bfloat16 --modes forward full --results-dir "$OUT/results"
+    # each GPU backend's split and picked (streamed) plans on the same inputs (SE-ResNet-50, batch 256)
+    TAIL=44 step bench_plans 80 bench_plans.log $PY benchmarks/bench_plans.py --out "$OUT/results/plans.md"
 fi
 
 if want model; then

@@ -22,6 +22,16 @@ the tiles last-first. It is counted as L2 hits only if everything touched betwee
 read of a tile and its re-read fits the effective L2 (forward: x + residual + y + mask,
 backward: dy + x + mask + dx + d_residual, whole batch); otherwise the whole re-read is HBM.
 Weights and the small (N, C) / (N, S) vectors are L2 hits (they fit and were just touched).
+
+CUDA's streamed plan (csrc/cuda/se_stream.h), where the split plan's re-read would miss and
+the 16-byte paths apply: one persistent kernel runs the split plan's stages per group of
+samples, a group's element-wise items lag[3] rounds after its channel sums. It marks its loads
+of last use and its output stores evict-first, so only what it re-reads is kept: x (backward
+dy) and the mask (ASSUMPTION: evict-first lines leave the L2 before any other); (lag[3] + 1)
+groups' kept bytes fit the effective L2 by construction, so its HBM bytes are the floor's. Its time
+is the kernel's bandwidth time, or, where a group's chain of stages (its last channel-sum item,
+the two GEMMs, three hand-offs between blocks) outlasts lag[3] groups' bandwidth time, chain / lag
+per group (see pipelined()); plus the counters' zero fill as one more launch.
 """
 
 from __future__ import annotations
@@ -69,6 +79,13 @@ CUDA_WGRAD_UNROLL = 8  # se_cuda.cu: weight_grads_kernel's loop is `#pragma unro
 # in flight per lane"); each step's loads sit behind branches, so check the SASS
 CUDA_STEPS_IN_FLIGHT = 4
 CUDA_THREADS = 256  # se_cuda.cu kThreads
+CUDA_MLP_SUB = 4  # se_cuda.cu kMlpSub: tile_gemm's 32-wide inner tiles loaded per pass
+# The streamed plan (csrc/cuda/se_stream.h, se_cuda.cu): channel-sum items of about this many bytes of x
+STREAM_ITEM_BYTES = 16384  # se_cuda.cu kStreamItemBytes (the schedule itself: launch.stream_schedule)
+# ASSUMPTION: one hand-off between stages of a group: the signalling block's fence waits for its
+# stores (one L2 round trip), its atomic becomes visible (one), the waiting block's acquire poll
+# sees it (one) plus half a 128 ns __nanosleep
+STREAM_HANDOFF_TRIPS, STREAM_SLEEP = 3, 64e-9
 REGS_PER_SM, MAX_WARPS_SM, MAX_BLOCKS_SM, SMEM_SM = 65536, 64, 32, 228 * 1024  # sm_90 limits
 TRITON_DEFAULT_RESIDENT = 8  # fallback: the fewest resident warps/SM in triton_resources.md (flagged)
 CUDA_DEFAULT_REGS = 64  # fallback registers of a CUDA kernel missing from cuda_ptxas.md (flagged)
@@ -116,6 +133,9 @@ class Kernel:
     hbm: float
     l2: float = 0.0
     chain: float = 0.0
+    # a persistent kernel's pipeline (the streamed plan): (groups, lag in rounds, seconds from a
+    # group's first read to its last stage's start); None: an ordinary launch
+    pipeline: Optional[Tuple[int, int, float]] = None
     # filled by timed():
     resident_used: int = 0
     seconds: float = 0.0
@@ -155,8 +175,14 @@ class Problem:
         tensors = (3 if self.direction == "backward" else 2) + self.residual
         return tensors * self.x_bytes + self.mask_bytes
 
+    def kept_bytes(self) -> int:
+        """What CUDA's streamed plan keeps in L2 from a tile's first read to its re-read: its loads
+        of last use and its output stores carry evict-first hints (se_cuda.cu Hint, store_pack), so
+        only what is re-read counts: x (backward: dy) and the mask."""
+        return self.x_bytes + self.mask_bytes
+
     def reread_fits(self, dev: Device) -> bool:
-        """Whether what the batch touches between a tile's first read and its re-read, (x +
+        """Whether what the split plans touch between a tile's first read and its re-read, (x +
         residual + y) or (dy + x + dx + d_residual), plus the mask (= the floor bytes), fits L2."""
         return self.floor_bytes() <= dev.l2_effective
 
@@ -203,7 +229,8 @@ class Resources:
         for row in self.triton:
             name, _plan, dtypes, layouts, bc, bl, bs, w = row[:8]
             if (name == kernel and dtype in dtypes.split(", ") and (layouts == "-" or "NCHW" in layouts)
-                    and all(have in ("-", v) for have, v in zip((bc, bl, bs), want)) and int(w) == warps):
+                    and all(have in ("-", v) for have, v in zip((bc, bl, bs), want)) and int(w) == warps
+                    and not row[-1].startswith("–")):  # "– / n": not compiled for sm_90
                 return _low(row[-1])
         self.missing.add(f"triton {kernel} {dtype} NCHW BLOCK_C={block_c} BLOCK_L={block_l} BLOCK_S={block_s} "
                          f"{warps} warps: not in {TRITON_TABLE.name}, assumed {TRITON_DEFAULT_RESIDENT} warps/SM")
@@ -212,7 +239,9 @@ class Resources:
     def cuda_resident(self, kernel: str, args: Sequence[str], smem: int = 0) -> int:
         """Resident warps/SM of a 256-thread CUDA kernel from its registers (allocated per warp
         in units of 256, 16384 per sub-partition) and shared memory (+1 KiB per block)."""
-        key = tuple(args) if kernel in ("scale_kernel", "grad_input_kernel", "channel_sums_kernel") else frozenset(args)
+        exact = ("scale_kernel", "grad_input_kernel", "channel_sums_kernel", "streamed_forward_kernel",
+                 "streamed_backward_kernel")  # flag-specialised: the set of their arguments is ambiguous
+        key = tuple(args) if kernel in exact else frozenset(args)
         regs, static = self.cuda.get((kernel, key), (None, 0))
         if regs is None:
             regs = CUDA_DEFAULT_REGS
@@ -244,7 +273,21 @@ def timed(k: Kernel, dev: Device) -> Kernel:
     }
     k.bound = max(terms, key=terms.get)
     k.seconds = terms[k.bound]
+    if k.pipeline is not None:
+        k.seconds, k.bound = pipelined(k.seconds, k.bound, *k.pipeline)
     return k
+
+
+def pipelined(seconds: float, bound: str, groups: int, lag: int, chain: float) -> Tuple[float, str]:
+    """A persistent kernel that streams `groups` groups through dependent stages, each group's last
+    stage claimed `lag` rounds after its first: at most `lag` groups are in flight, so a round
+    takes max(the bandwidth's time for a group, chain / lag), where chain is one group's latency
+    from its first read to the start of its last stage. The first groups' chains are exposed as
+    far as the reads of the groups claimed meanwhile (half a round's bytes each) do not cover them."""
+    per_group = seconds / groups
+    steady = groups * max(per_group, chain / lag)
+    fill = max(0.0, chain - lag * per_group / 2)
+    return steady + fill, (bound if per_group >= chain / lag else "pipeline")
 
 
 @dataclass
@@ -271,12 +314,17 @@ def predict(p: Problem, backend: str, dev: Device, res: Resources, force_l2: boo
     """The plan of `backend` for `p`; force_l2: the second pass hits L2 whatever fits (the
     "x read once" bound)."""
     reread_l2 = force_l2 or p.reread_fits(dev)
-    kernels = (triton_kernels if backend == "triton" else cuda_kernels)(p, res, reread_l2)
+    streamed = cuda_streamed(p, res, dev) if backend == "cuda" else None
+    if backend == "triton":
+        kernels = triton_kernels(p, res, reread_l2, dev)
+        streamed = kernels if kernels[0].name == "zero_counters" else None
+    else:
+        kernels = streamed or cuda_kernels(p, res, reread_l2)
     kernels = [timed(k, dev) for k in kernels]
     second_pass = not (backend == "triton" and kernels[0].name.endswith("fused"))
     seconds = sum(k.seconds for k in kernels) + dev.launch_gap * (len(kernels) - 1)
-    return Prediction(p, backend, kernels, ("L2" if reread_l2 else "HBM") if second_pass else "-",
-                      sum(k.hbm for k in kernels), seconds, p.floor_bytes() / dev.hbm_bw)
+    reread = "L2 (streamed)" if streamed else ("L2" if reread_l2 else "HBM") if second_pass else "-"
+    return Prediction(p, backend, kernels, reread, sum(k.hbm for k in kernels), seconds, p.floor_bytes() / dev.hbm_bw)
 
 
 def second_pass(p: Problem, reread_l2: bool) -> Tuple[float, float, float]:
@@ -303,15 +351,17 @@ def _triton_mlp(g, elem: int) -> Tuple[float, int]:
     return w1 + w2, iters
 
 
-def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
+def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = Device()) -> List[Kernel]:
     """launch.forward/backward's launches for `p` (plan, grids and warps from launch.py itself):
-    fused (one program per sample) or channel_sums -> excite -> scale / grad_input; backward
-    then weight_grads."""
+    fused (one program per sample), streamed (one persistent kernel, where the split plan's
+    re-read would miss L2) or channel_sums -> excite -> scale / grad_input; backward then
+    weight_grads."""
     s, e, dt = p.site, p.elem, p.dtype
     x = torch.empty(s.shape, dtype=DTYPES[dt][0], device="meta")
     g = launch.Geometry(x, s.s, p.residual)
     back = p.direction == "backward"
-    plan = launch.Plan(g, backward=back, sm_count=SMS)
+    plan = launch.Plan(g, backward=back, sm_count=SMS, budget=int(dev.l2_effective), elem=e,
+                       tensors=(3 if back else 2) + p.residual)
     n, c, l, acc = s.n, s.c, g.L, 4
     mlp, iters = _triton_mlp(g, e)
     vectors = n * (3 * c + s.s) * acc  # pooled/logits/gates (dz2/gates/dp), hidden (dz1): small, L2
@@ -324,6 +374,17 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
         loads = (2 * xb + mask) if back else (xb * (2 if p.residual else 1))
         ks.append(Kernel(name.replace("se_", "").replace("_kernel", ""), n, warps, resident,
                          loads / n / warps, p.floor_bytes(), n * mlp + vectors, 1 + 2 * iters))
+    elif plan.stream is not None:
+        # items: one tile of channel sums (launch.STREAM_TILE_BYTES of x; backward dy and x), an MLP
+        # program of the split plan over the group's samples, one element-wise tile; a tile's loads
+        # together
+        name = "se_streamed_backward_kernel" if back else "se_streamed_forward_kernel"
+        warps = launch.STREAM_WARPS
+        resident = res.triton_resident(name, dt, plan.stream_block_c, plan.stream_block_l, None, warps)
+        tile_bytes = plan.stream_block_c * plan.stream_block_l * e * (2 if back else 1)
+        trips = 1 + cdiv(c, plan.mlp_chunk_c) + 1 + cdiv(s.s, plan.mlp_chunk_s)
+        ks += streamed_kernels(p, dev, plan.stream, plan.grids[name][0], warps, resident, tile_bytes / warps,
+                               tile_bytes, trips, cdiv(l, plan.stream_block_l))
     else:
         c_blocks, l_blocks = cdiv(c, plan.block_c), cdiv(l, plan.block_l)
         tile = (c / c_blocks) * (l / l_blocks)  # valid elements of an average tile
@@ -415,15 +476,15 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
                      min(CUDA_UNROLL * 32 * sums_width, per_split) * per_elem, 2 * xb + mask if back else xb,
                      n * splits * c * acc))
     # the MLP: two GEMMs over blocks of 8 samples x 32 outputs, the inner dimension 32 at a time
-    # through shared memory: each weight read once per sample block; round trips: one per inner
-    # tile (its loads in flight together), the first GEMM's also summing the pixel splits
+    # through shared memory, 4 such tiles per pass: each weight read once per sample block; round
+    # trips: one per pass (its loads in flight together), the first GEMM's also summing the splits
     n_blocks = cdiv(n, 8)
     first, second = ("dz1_kernel", "dp_kernel") if back else ("hidden_kernel", "logits_kernel")
     ks.append(Kernel(first[:-7], n_blocks * cdiv(sq, 32), warps, res.cuda_resident(first, args), 0.0, 0.0,
                      n_blocks * sq * c * e + cdiv(sq, 32) * n * splits * c * acc + n * c * acc * (3 if back else 1),
-                     cdiv(c, 32) * (1 + cdiv(splits, CUDA_UNROLL))))
+                     cdiv(c, 32 * CUDA_MLP_SUB) * (1 + cdiv(splits, CUDA_UNROLL))))
     ks.append(Kernel(second[:-7], n_blocks * cdiv(c, 32), warps, res.cuda_resident(second, args), 0.0, 0.0,
-                     n_blocks * sq * c * e + cdiv(c, 32) * n * sq * acc + 2 * n * c * acc, cdiv(sq, 32)))
+                     n_blocks * sq * c * e + cdiv(c, 32) * n * sq * acc + 2 * n * c * acc, cdiv(sq, 32 * CUDA_MLP_SUB)))
     # scale / grad_input: a warp per tile, last tile first, CUDA_STEPS_IN_FLIGHT steps' loads out
     blocks, tile = cuda_tiles(p)
     width = 16 // e if l % (16 // e) == 0 else 1  # vector path: H*W a multiple of it (pointers assumed aligned)
@@ -436,18 +497,90 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     variant = (args[0], "float") + flags
     ks.append(Kernel(name[:-7], blocks, warps, res.cuda_resident(name, variant), in_flight_elems * loads / p.numel,
                      hbm, l2 + 2 * n * c * acc))
-    if back:  # weight_grads: a thread per (c, s, chunk of <= 32 samples); dz2, pooled read once per s
-        chunks = cdiv(n, 32)
-        per_chunk = cdiv(n, chunks)
-        outputs = 2 * sq * c + sq + c
-        ks.append(Kernel("weight_grads", cdiv(c, CUDA_THREADS) * sq * chunks, warps,
-                         res.cuda_resident("weight_grads_kernel", ("float",) if chunks > 1 else args), 0.0, 0.0,
-                         cdiv(c, CUDA_THREADS) * CUDA_THREADS * sq * n * 2 * acc + chunks * outputs * acc,
-                         cdiv(per_chunk, CUDA_WGRAD_UNROLL)))
-        if chunks > 1:
-            ks.append(Kernel("weight_grads_sum", cdiv(outputs, CUDA_THREADS), warps,
-                             res.cuda_resident("weight_grads_sum_kernel", args), 0.0, 0.0,
-                             chunks * outputs * acc + outputs * e, cdiv(chunks, CUDA_UNROLL)))
+    if back:
+        ks += cuda_weight_grads(p, res, args)
+    return ks
+
+
+def cuda_weight_grads(p: Problem, res: Resources, args: Tuple[str, ...]) -> List[Kernel]:
+    """weight_grads: a thread per (c, s, chunk of <= 32 samples); dz2, pooled read once per s
+    [-> weight_grads_sum]."""
+    n, c, sq, e, acc = p.site.n, p.site.c, p.site.s, p.elem, 4
+    warps = CUDA_THREADS // 32
+    chunks = cdiv(n, 32)
+    per_chunk = cdiv(n, chunks)
+    outputs = 2 * sq * c + sq + c
+    ks = [Kernel("weight_grads", cdiv(c, CUDA_THREADS) * sq * chunks, warps,
+                 res.cuda_resident("weight_grads_kernel", ("float",) if chunks > 1 else args), 0.0, 0.0,
+                 cdiv(c, CUDA_THREADS) * CUDA_THREADS * sq * n * 2 * acc + chunks * outputs * acc,
+                 cdiv(per_chunk, CUDA_WGRAD_UNROLL))]
+    if chunks > 1:
+        ks.append(Kernel("weight_grads_sum", cdiv(outputs, CUDA_THREADS), warps,
+                         res.cuda_resident("weight_grads_sum_kernel", args), 0.0, 0.0,
+                         chunks * outputs * acc + outputs * e, cdiv(chunks, CUDA_UNROLL)))
+    return ks
+
+
+def stream_splits(l: int, elem: int, channels: int = CUDA_THREADS // 32) -> Tuple[int, int]:
+    """se_cuda.cu stream_splits (NCHW): (splits, pixels per split)."""
+    per_split = min(cdiv(l, 32) * 32, max(32, STREAM_ITEM_BYTES // (channels * elem) // 32 * 32))
+    return cdiv(l, per_split), per_split
+
+
+def streamed_kernels(p: Problem, dev: Device, sched: dict, programs: int, warps: int, resident: int,
+                     load_per_warp: float, pool_item: float, gemm_trips: int, splits: int) -> List[Kernel]:
+    """The streamed plan's launches, either backend: the counters' zero fill, then the persistent
+    kernel. Its HBM bytes are the floor's: each group's element-wise items re-read x (backward:
+    dy and the mask) after lag[3] rounds, whose kept bytes fit the budget by construction. Its
+    pipeline: one group's latency from its first read to its element-wise items is its last
+    channel-sum item (pool_item bytes, as long as every resident program's item: they share the
+    bandwidth), the two GEMMs' dependent L2 round trips (gemm_trips) and three hand-offs."""
+    n, c, sq, e, acc = p.site.n, p.site.c, p.site.s, p.elem, 4
+    groups = sched["groups"]
+    reread = (p.x_bytes + p.mask_bytes) if p.direction == "backward" else p.x_bytes
+    weights = groups * 2 * sq * c * e  # W1 and W2 once per group (its first and second GEMM items)
+    vectors = n * splits * c * acc * (1 + cdiv(sq, 32)) + n * (4 * c + 2 * sq) * acc
+    active = min(dev.sms, programs)
+    rate = min(dev.hbm_bw, active * resident * load_per_warp / dev.hbm_latency)
+    chain = (programs * pool_item / rate + gemm_trips * dev.l2_round_trip
+             + 3 * (STREAM_HANDOFF_TRIPS * dev.l2_round_trip + STREAM_SLEEP))
+    return [Kernel("zero_counters", 1, warps, MAX_WARPS_SM, 0.0, 0.0, 8 * (groups * 3 + 1)),
+            Kernel("streamed", programs, warps, resident, load_per_warp, p.floor_bytes(), reread + weights + vectors,
+                   pipeline=(groups, sched["lag"][3], chain))]
+
+
+def cuda_streamed(p: Problem, res: Resources, dev: Device) -> Optional[List[Kernel]]:
+    """se_forward_cuda / se_backward_cuda's streamed plan where it applies (NCHW: H*W a multiple
+    of the 16-byte vector, pointers assumed aligned; the split plan's re-read would miss L2):
+    streamed_kernels (-> the weight-gradient kernels, backward). Items: channel sums of 8
+    channels x ~16 KiB, MLP blocks of 32 outputs, 8 element-wise tiles."""
+    s, e = p.site, p.elem
+    n, c, l, sq = s.n, s.c, s.h * s.w, s.s
+    width = 16 // e
+    back = p.direction == "backward"
+    if l % width or p.reread_fits(dev):  # the split plan's re-read hits L2 already
+        return None
+    splits, per_split = stream_splits(l, e)
+    cblocks = cdiv(c, CUDA_THREADS // 32)
+    tiles_per_sample = c * cdiv(l, 32 * CUDA_STEPS_IN_FLIGHT * width)
+    sched = launch.stream_schedule(n, p.kept_bytes() // n, int(dev.l2_effective), cblocks * splits, cdiv(sq, 32),
+                                   cdiv(c, 32), tiles_per_sample, CUDA_THREADS // 32)
+    if sched is None:
+        return None
+    args = ("float",) if p.dtype == "float32" else (DTYPES[p.dtype][2], "float")
+    relu = "true" if p.residual else "false"
+    name = "streamed_backward_kernel" if back else "streamed_forward_kernel"
+    resident = res.cuda_resident(name, (args[0], "float", "false", relu) + (() if back else (relu,)))
+    warps = CUDA_THREADS // 32
+    programs = min(sched["items"], dev.sms * (resident // warps))
+    tensors = 2 if back else 1  # loads one warp has out: a channel-sum step (CUDA_UNROLL x 16 B a lane)
+    load_per_warp = min(CUDA_UNROLL * 32 * 16, per_split * e) * tensors
+    # GEMM round trips: one per pass over 128 of C (plus the partial sums), of S (plus hidden)
+    trips = cdiv(c, 32 * CUDA_MLP_SUB) + cdiv(sq, 32 * CUDA_MLP_SUB) + 2
+    ks = streamed_kernels(p, dev, sched, programs, warps, resident, load_per_warp, warps * per_split * e * tensors,
+                          trips, splits)
+    if back:
+        ks += cuda_weight_grads(p, res, args)
     return ks
 
 
@@ -489,6 +622,8 @@ def inputs_table(dev: Device) -> List[str]:
          "device properties / ASSUMPTION (conservative): two L2 partitions, a line used from both sides may be "
          "held twice"),
         ("L2 hit bandwidth", f"{dev.l2_bw:.3g} B/s", "ASSUMPTION: 2 x the HBM copy rate (--l2-bw); to be measured"),
+        ("evict-first lines (CUDA streamed plan)", "leave L2 first", "ASSUMPTION: lines loaded or stored with .cs "
+         "hints do not push out others: the plan's L2 budget counts only the re-read bytes; to be measured"),
         ("per-SM L2 bandwidth", f"{dev.sm_bw:.3g} B/s", "ASSUMPTION: 64 B/clock at 1.98 GHz; caps kernels on few SMs"),
         ("launch gap", f"{dev.launch_gap * 1e6:.1f} us", "ASSUMPTION: between dependent kernels on one stream "
          "(--launch-gap); to be measured"),
@@ -530,12 +665,12 @@ def summary(rows: List[Row]) -> Tuple[List[str], List[str]]:
             by_case.setdefault((r.set_name, p.site.label, p.dtype, p.epilogue, p.x_bytes), {})[
                 (r.pred.backend, p.direction)] = r
     lines = [f"Targets: forward >= {TARGETS['forward']}, backward >= {TARGETS['backward']} of floor "
-             "(x-once: the same plan if its second pass hit L2). byte cap: floor bytes / the plan's HBM bytes, "
-             "the best fraction the plan's traffic allows at any efficiency (both backends move the same "
-             "HBM bytes).", "",
-             "| set | site | dtype | epilogue | x MiB | byte cap fwd / bwd | triton fwd | triton bwd | cuda fwd "
-             "| cuda bwd |",
-             "| --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- |"]
+             "(x-once: the same plan if its second pass hit L2; the streamed plan's re-read does). byte cap: "
+             "floor bytes / the plan's HBM bytes, the best fraction the plan's traffic allows at any efficiency. "
+             "plan: CUDA's (split or streamed).", "",
+             "| set | site | dtype | epilogue | x MiB | byte cap fwd / bwd triton; cuda | cuda plan | triton fwd "
+             "| triton bwd | cuda fwd | cuda bwd |",
+             "| --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |"]
     misses = []
     for (set_name, label, dtype, epilogue, xb), case in by_case.items():
         cells = []
@@ -546,8 +681,10 @@ def summary(rows: List[Row]) -> Tuple[List[str], List[str]]:
             if not ok:
                 misses.append(f"{set_name} {label} {dtype} {epilogue} {backend} {direction}: "
                               f"{r.pred.fraction:.2f} < {TARGETS[direction]}")
-        cap = " / ".join(f"{case[('triton', d)].pred.floor_bytes_cap:.2f}" for d in DIRECTIONS)
-        lines.append(f"| {set_name} | {label} | {dtype} | {epilogue} | {xb / 2**20:.0f} | {cap} | "
+        cap = "; ".join(" / ".join(f"{case[(b, d)].pred.floor_bytes_cap:.2f}" for d in DIRECTIONS) for b in BACKENDS)
+        plan = " / ".join(sorted({"streamed" if case[("cuda", d)].pred.reread == "L2 (streamed)" else "split"
+                                  for d in DIRECTIONS}))
+        lines.append(f"| {set_name} | {label} | {dtype} | {epilogue} | {xb / 2**20:.0f} | {cap} | {plan} | "
                      + " | ".join(cells) + " |")
     return lines, misses
 
@@ -570,7 +707,13 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; on the "
     "16-byte path a tile's loads are issued before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",
     "CUDA MLP: hidden/logits (backward dz1/dp) over blocks of 8 samples x 32 outputs, the inner dimension 32 "
-    "at a time through shared memory; each weight read once per sample block; one L2 round trip per inner tile.",
+    f"at a time through shared memory, {CUDA_MLP_SUB} such tiles per pass; each weight read once per sample "
+    "block; one L2 round trip per pass.",
+    "CUDA streamed plan: persistent blocks (as many as are resident), claiming numbered items (channel-sum "
+    "blocks of ~16 KiB of x, the GEMMs' blocks, 8 element-wise tiles); a block's resident warps as the ptxas "
+    "table's streamed_*_kernel row; bytes in flight as the channel sums' loads. Hand-off between stages: "
+    f"{STREAM_HANDOFF_TRIPS} L2 round trips + {STREAM_SLEEP * 1e9:.0f} ns (ASSUMPTION: fence, atomic, "
+    "acquire poll, half a __nanosleep).",
     "CUDA weight_grads: dz2 and pooled are read once per s (S times over), counted as L2 bytes; "
     "`#pragma unroll 8`: 8 samples per round trip; a second kernel adds the chunks when N > 32.",
     "The (N, C)/(N, S) vectors, partial sums and weight gradients count as L2 traffic (small next to x).",

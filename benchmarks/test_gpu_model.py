@@ -3,10 +3,17 @@ the L2 re-read rule on both sides of the effective L2, and the script end to end
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
 import gpu_model
+import pytest
 from gpu_model import Device, Problem, Resources, predict
 from shapes import Site
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGENET_56 = Site(32, 256, 56, 56, 16)  # x: 32 * 256 * 3136 float32 = 102,760,448 B
 CIFAR_8 = Site(128, 256, 8, 8, 16)  # x: 128 * 256 * 64 float32 = 8,388,608 B
 
@@ -33,6 +40,9 @@ def _second_pass(p: Problem, backend: str):
 
 
 def test_reread_hits_l2_only_when_it_fits():
+    """The split plans re-read x from L2 only if everything the batch touches fits; where it does
+    not, the streamed plans run (both backends, HBM bytes = the floor's), except where they cannot
+    (CUDA: 7x7 rows, not a multiple of the 16-byte vector), and there the re-read is HBM."""
     dev = Device()
     for backend in ("triton", "cuda"):
         # x + y = 16.8 MB <= 30 MB: the scale pass reads x from L2, writes y to HBM
@@ -42,20 +52,82 @@ def test_reread_hits_l2_only_when_it_fits():
         assert pred.reread == "L2" and scale.name == "scale"
         assert scale.hbm == small.x_bytes and scale.l2 >= small.x_bytes
         assert pred.hbm_bytes == small.floor_bytes()
-        # x + y = 205.5 MB: the whole re-read from HBM
-        big = Problem(IMAGENET_56, "float32", "none", "forward")
-        assert not big.reread_fits(dev)
-        pred, scale = _second_pass(big, backend)
-        assert pred.reread == "HBM" and scale.hbm == 2 * big.x_bytes and scale.l2 < big.x_bytes
-        assert pred.hbm_bytes == big.floor_bytes() + big.x_bytes
-        # backward: dy + x + dx + d_residual + mask = 33.8 MB > 30 MB: dy and the mask again from HBM
-        back = Problem(CIFAR_8, "float32", "residual_relu", "backward")
-        assert not back.reread_fits(dev)
-        pred, grad_input = _second_pass(back, backend)
-        assert grad_input.name == "grad_input" and pred.reread == "HBM"
-        assert grad_input.hbm == 3 * back.x_bytes + back.mask_bytes  # dy, mask read; dx, d_residual written
-        once = predict(back, backend, dev, Resources.load(), force_l2=True)
-        assert once.hbm_bytes == back.floor_bytes() and once.seconds < pred.seconds
+        # x + y = 205.5 MB; backward dy + x + dx + d_residual + mask = 33.8 MB > 30 MB
+        for big in (Problem(IMAGENET_56, "float32", "none", "forward"),
+                    Problem(CIFAR_8, "float32", "residual_relu", "backward")):
+            assert not big.reread_fits(dev)
+            pred = predict(big, backend, dev, Resources.load())
+            assert pred.reread == "L2 (streamed)" and pred.hbm_bytes == big.floor_bytes(), backend
+    odd = Problem(Site(256, 2048, 7, 7, 128), "float32", "residual_relu", "backward")
+    pred, grad_input = _second_pass(odd, "cuda")
+    assert grad_input.name == "grad_input" and pred.reread == "HBM"
+    assert grad_input.hbm == 3 * odd.x_bytes + odd.mask_bytes  # dy, mask read; dx, d_residual written
+    once = predict(odd, "cuda", dev, Resources.load(), force_l2=True)
+    assert once.hbm_bytes == odd.floor_bytes() and once.seconds < pred.seconds
+
+
+def test_cuda_streams_where_the_split_plan_would_miss():
+    """CUDA: the streamed plan wherever the split plan's re-read would miss and the 16-byte paths
+    apply; its HBM bytes are the floor's. 7x7 rows (49 pixels) keep the split plan."""
+    dev, backend = Device(), "cuda"
+    for direction in ("forward", "backward"):
+        # CIFAR_8 backward: 33.8 MB touched (the forward's 25.4 MB fit: split plan, L2 re-read)
+        for site in (IMAGENET_56, CIFAR_8) if direction == "backward" else (IMAGENET_56,):
+            p = Problem(site, "float32", "residual_relu", direction)
+            pred = predict(p, backend, dev, Resources.load())
+            names = [k.name for k in pred.kernels]
+            assert names[:2] == ["zero_counters", "streamed"] and pred.reread == "L2 (streamed)", names
+            assert pred.hbm_bytes == p.floor_bytes()
+            assert (direction == "backward") == ("weight_grads" in names)
+        odd = Problem(Site(256, 2048, 7, 7, 128), "float32", "none", direction)
+        assert not odd.reread_fits(dev)
+        assert predict(odd, backend, dev, Resources.load()).reread == "HBM"
+
+
+def test_pipeline_bound():
+    """A round takes max(a group's bandwidth time, chain / lag); the first chain is exposed as
+    far as the reads claimed meanwhile do not cover it."""
+    assert gpu_model.pipelined(10.0, "HBM", 10, 4, 2.0) == (10.0, "HBM")  # chain 2 <= 4 x 1 / 2
+    seconds, bound = gpu_model.pipelined(10.0, "HBM", 10, 2, 4.0)  # chain / lag = 2 > 1 a group
+    assert bound == "pipeline" and abs(seconds - (10 * 2.0 + (4.0 - 2 * 1.0 / 2))) < 1e-12
+
+
+def test_stream_schedule_is_the_kernels(tmp_path):
+    """The schedule the model uses (se_kernels/triton/launch.py stream_schedule, also the Triton
+    streamed plan's) against csrc/cuda/se_stream.h's make_schedule, compiled for the host
+    (tests/cpp/stream_host.cpp), on every site of the model and on edge cases."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    lib_path = tmp_path / "stream_host.so"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-pthread",
+                    str(ROOT / "tests" / "cpp" / "stream_host.cpp"), "-o", str(lib_path)], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    lib.se_stream_schedule.argtypes = [i64p, i64p]
+    shapes = [(9, 1000, 8000, 1, 1, 1, 1), (8, 1000, 8000, 1, 1, 1, 1), (100, 1000, 3999, 1, 1, 1, 1),
+              (1000, 1000, 77000, 3, 2, 5, 40)]
+    dev = Device()
+    for _, sites in gpu_model.shape_sets():
+        for site in sites:
+            for dtype in gpu_model.DTYPES:
+                p = Problem(site, dtype, "residual_relu", "forward")
+                splits, _ = gpu_model.stream_splits(site.h * site.w, p.elem)
+                l, width = site.h * site.w, 16 // p.elem
+                shapes.append((site.n, p.kept_bytes() // site.n, int(dev.l2_effective),
+                               -(-site.c // 8) * splits, -(-site.s // 32), -(-site.c // 32),
+                               site.c * -(-l // (32 * gpu_model.CUDA_STEPS_IN_FLIGHT * width))))
+    streamed = 0
+    for shape in shapes:
+        out = (ctypes.c_int64 * 12)()
+        applies = lib.se_stream_schedule((ctypes.c_int64 * 8)(*shape, 8), out)
+        model = gpu_model.launch.stream_schedule(*shape, 8)
+        assert (model is not None) == bool(applies), shape
+        if model is not None:
+            streamed += 1
+            v = list(out)
+            assert (model["group"], model["groups"], model["per"], model["lag"]) == (v[0], v[1], v[2:6], v[6:10]), shape
+    assert streamed >= 10
 
 
 def test_script_end_to_end(tmp_path):
