@@ -27,10 +27,11 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <type_traits>
 #include <limits>
+#include <map>
 #include <mutex>
-#include <unordered_map>
+#include <type_traits>
+#include <utility>
 
 #include "../ca_common.h"
 #include "../se_common.h"
@@ -900,19 +901,23 @@ struct Splits {
   int64_t per_split;
 };
 
-// Multiprocessors of the current device, queried once per device.
-int multiprocessors() {
+// An attribute of the current device, queried once per (device, attribute).
+int device_attribute(cudaDeviceAttr attr) {
   static std::mutex lock;
-  static std::unordered_map<int, int> counts;
+  static std::map<std::pair<int, int>, int> values;
   const int device = c10::cuda::current_device();
   const std::lock_guard<std::mutex> hold(lock);
-  auto it = counts.find(device);
-  if (it == counts.end()) {
-    int count = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    it = counts.emplace(device, count).first;
+  auto it = values.find({device, static_cast<int>(attr)});
+  if (it == values.end()) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+    it = values.emplace(std::make_pair(device, static_cast<int>(attr)), value).first;
   }
   return it->second;
+}
+
+int multiprocessors() {
+  return device_attribute(cudaDevAttrMultiProcessorCount);
 }
 
 // Enough blocks for the pixel reduction to fill the GPU: 4 per multiprocessor. Each split's
@@ -1002,17 +1007,7 @@ int64_t stream_budget() {
                 "se_kernels: SE_KERNELS_STREAM_BUDGET must be a byte count >= 0; got '", env, "'");
     return v;
   }
-  static std::mutex lock;
-  static std::unordered_map<int, int64_t> budgets;
-  const int device = c10::cuda::current_device();
-  const std::lock_guard<std::mutex> hold(lock);
-  auto it = budgets.find(device);
-  if (it == budgets.end()) {
-    int bytes = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
-    it = budgets.emplace(device, int64_t(bytes) / 2).first;
-  }
-  return it->second;
+  return int64_t(device_attribute(cudaDevAttrL2CacheSize)) / 2;
 }
 
 // The streamed schedule of an op over g, or false for the split plan: the streamed kernels take the
@@ -1074,18 +1069,13 @@ int64_t mlp_blocks(const Geometry& g, int64_t outputs) {
   return (g.N + kMlpN - 1) / kMlpN * ((outputs + kMlpT - 1) / kMlpT);
 }
 
-// The bytes per sample the streamed plan keeps in L2 from its first read to its re-read: x
-// (backward: dy) and the relu mask. Everything else is read once or written with evict-first hints
-// (Hint, store_pack), which leave those lines first.
-int64_t kept_bytes(const Geometry& g, int64_t elem, bool mask) {
-  return g.C * g.L * elem + (mask ? g.rows * g.mask_row_bytes : 0);
-}
-
-// The bytes per sample the split plan touches between a tile's first read and its re-read (it
-// has no eviction hints): forward x [+ residual] read, y [+ mask] written; backward dy, x [+ mask]
-// read, dx [+ d_residual] written. Where the whole batch's fit the L2 budget, the split plan's
-// re-read is an L2 hit already and the streamed plan is not used.
-int64_t touched_bytes(const Geometry& g, int64_t elem, int tensors, bool mask) {
+// Bytes per sample of `tensors` x-sized tensors and the relu mask. The split plan touches, between
+// a tile's first read and its re-read (it has no eviction hints), forward x [+ residual] and y,
+// backward dy, x, dx [+ d_residual]: where the whole batch's fit the L2 budget its re-read is an L2
+// hit already and the streamed plan is not used. The streamed plan keeps one tensor, x (backward
+// dy), and the mask: everything else is read once or written with evict-first hints (Hint,
+// store_pack), which leave those lines first.
+int64_t sample_bytes(const Geometry& g, int64_t elem, int tensors, bool mask) {
   return tensors * g.C * g.L * elem + (mask ? g.rows * g.mask_row_bytes : 0);
 }
 
@@ -1103,8 +1093,8 @@ bool forward_streamed(const Geometry& g, const at::Tensor& x, const T* res, cons
     stream::Schedule s;
     const Splits sp = stream_splits(g, sizeof(T));
     if (!streamed_schedule<T>(g, t, sums_vector<T>(g, x.const_data_ptr(), nullptr), cblocks, sp,
-                              kept_bytes(g, sizeof(T), out_relu),
-                              touched_bytes(g, sizeof(T), 2 + (res != nullptr), out_relu), &s))
+                              sample_bytes(g, sizeof(T), 1, out_relu),
+                              sample_bytes(g, sizeof(T), 2 + (res != nullptr), out_relu), &s))
       return false;
     at::Tensor partial = at::empty({g.N, sp.splits, g.C}, pooled.options());
     at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
@@ -1133,8 +1123,9 @@ bool backward_streamed(const Geometry& g, const at::Tensor& grad_y, const at::Te
     stream::Schedule s;
     const Splits sp = stream_splits(g, sizeof(T));
     if (!streamed_schedule<T>(g, t, sums_vector<T>(g, x.const_data_ptr(), grad_y.const_data_ptr()), cblocks, sp,
-                              kept_bytes(g, sizeof(T), mask != nullptr),
-                              touched_bytes(g, sizeof(T), 2 + (dx != nullptr) + (dres != nullptr), mask != nullptr), &s))
+                              sample_bytes(g, sizeof(T), 1, mask != nullptr),
+                              sample_bytes(g, sizeof(T), 2 + (dx != nullptr) + (dres != nullptr), mask != nullptr),
+                              &s))
       return false;
     at::Tensor partial = at::empty({g.N, sp.splits, g.C}, dz1.options());
     at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
@@ -1173,7 +1164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
   const Layout lay = make_layout(g);
   const int64_t cblocks = channel_blocks(g);
   const Splits sp = pixel_splits(g, cblocks);
-  at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
   at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "se_forward_cuda", [&] {
@@ -1185,6 +1175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
     if (forward_streamed<scalar_t, A>(g, x, res, w1, b1p, w2, b2p, y, mask, pooled, hidden, logits, gates, t, cblocks,
                                       out_relu, act, gt, stream))
       return;
+    at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);  // the split plan's (stream-ordered free)
     (sums_vector<scalar_t>(g, x.const_data_ptr(), nullptr) ? channel_sums_kernel<scalar_t, A, true>
                                                             : channel_sums_kernel<scalar_t, A, false>)
         <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
@@ -1234,7 +1225,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Layout lay = make_layout(g);
   const int64_t cblocks = channel_blocks(g);
   const Splits sp = pixel_splits(g, cblocks);
-  at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
   at::Tensor dz1 = at::empty({g.N, g.S}, acc_opts);
   at::Tensor dz2 = at::empty({g.N, g.C}, acc_opts);
   at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
@@ -1254,6 +1244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           backward_streamed<scalar_t, A>(g, grad_y, x, mask, w1, w2, hidden, logits, dx, dres, dz1,
                                                          dz2, z, gates, dp, t, cblocks, act, gt, stream);
     if (!streamed) {
+      at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
       (sums_vector<scalar_t>(g, x.const_data_ptr(), grad_y.const_data_ptr()) ? channel_sums_kernel<scalar_t, A, true>
                                                                             : channel_sums_kernel<scalar_t, A, false>)
           <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
