@@ -136,6 +136,8 @@ class Kernel:
     # a persistent kernel's pipeline (the streamed plan): (groups, lag in rounds, seconds from a
     # group's first read to its last stage's start); None: an ordinary launch
     pipeline: Optional[Tuple[int, int, float]] = None
+    # dependent L2 round trips once after the last wave (the weight gradients' in-kernel chunk sums)
+    tail: float = 0.0
     # filled by timed():
     resident_used: int = 0
     seconds: float = 0.0
@@ -269,7 +271,7 @@ def timed(k: Kernel, dev: Device) -> Kernel:
     terms = {
         hbm_limit: k.hbm / limits[hbm_limit] if k.hbm else 0.0,
         "L2": (k.hbm + k.l2) / min(dev.l2_bw, active * dev.sm_bw),
-        "chain": waves * k.chain * dev.l2_round_trip,
+        "chain": (waves * k.chain + k.tail) * dev.l2_round_trip,
     }
     k.bound = max(terms, key=terms.get)
     k.seconds = terms[k.bound]
@@ -375,13 +377,15 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         ks.append(Kernel(name.replace("se_", "").replace("_kernel", ""), n, warps, resident,
                          loads / n / warps, p.floor_bytes(), n * mlp + vectors, 1 + 2 * iters))
     elif plan.stream is not None:
-        # items: one tile of channel sums (launch.STREAM_TILE_BYTES of x; backward dy and x), an MLP
+        # items: one tile of channel sums (launch.STREAM_TILE_BYTES of x; backward dy and x; see Plan._stream), an MLP
         # program of the split plan over the group's samples, one element-wise tile; a tile's loads
         # together
         name = "se_streamed_backward_kernel" if back else "se_streamed_forward_kernel"
         warps = launch.STREAM_WARPS
         resident = res.triton_resident(name, dt, plan.stream_block_c, plan.stream_block_l, None, warps)
-        tile_bytes = plan.stream_block_c * plan.stream_block_l * e * (2 if back else 1)
+        bc, bl = plan.stream_block_c, plan.stream_block_l
+        valid = (c / cdiv(c, bc)) * (l / cdiv(l, bl))  # elements of an average tile (14x14: 196 of 256 a row)
+        tile_bytes = valid * e * (2 if back else 1)
         trips = 1 + cdiv(c, plan.mlp_chunk_c) + 1 + cdiv(s.s, plan.mlp_chunk_s)
         ks += streamed_kernels(p, dev, plan.stream, plan.grids[name][0], warps, resident, tile_bytes / warps,
                                tile_bytes, trips, cdiv(l, plan.stream_block_l))
@@ -417,17 +421,22 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         ks.append(Kernel(name[3:-7], plan.grids[name][0], warps,
                          res.triton_resident(name, dt, plan.block_c, plan.block_l, None, warps),
                          loads / p.numel * tile / warps, hbm, l2 + 2 * n * c * acc))
-    if back:  # one step per sample of its chunk, its 4 loads in flight together: one L2 round trip a sample
+    if back:  # steps of WGRAD_UNROLL samples of its chunk, their loads in flight together: one L2 round trip a step
         bc, bs = plan.wgrad_block_c, plan.wgrad_block_s
         programs = plan.grids["se_weight_grads_kernel"][0]
         per_program = programs // plan.wgrad_chunks  # programs of one chunk
         outputs = 2 * s.s * c + s.s + c
+        chunks = plan.wgrad_chunks
+        here = chunks > 1 and "se_sum_chunks_kernel" not in plan.grids  # the streamed plan: summed in-kernel
         ks.append(Kernel("weight_grads", programs, 8,
                          res.triton_resident("se_weight_grads_kernel", dt, bc, None, bs, 8), 0.0, 0.0,
                          per_program * n * 2 * (bc + bs) * acc
-                         + (outputs * acc * plan.wgrad_chunks if plan.wgrad_chunks > 1 else 2 * s.s * c * e),
-                         plan.wgrad_per_chunk))
-        if plan.wgrad_chunks > 1:  # the chunks added in order: one L2 round trip a chunk
+                         + (outputs * acc * chunks if chunks > 1 else 2 * s.s * c * e)
+                         + (chunks * outputs * acc + outputs * e if here else 0),
+                         cdiv(plan.wgrad_per_chunk, launch.WGRAD_UNROLL),
+                         # in-kernel sums: the last program of a tile adds the chunks after its atomic
+                         tail=(1 + chunks) if here else 0.0))
+        if chunks > 1 and not here:  # the chunks added in order: one L2 round trip a chunk
             ks.append(Kernel("sum_chunks", plan.grids["se_sum_chunks_kernel"][0], 4,
                              res.triton_resident("se_sum_chunks_kernel", dt, None, None, None, 4), 0.0, 0.0,
                              plan.wgrad_chunks * outputs * acc + outputs * e, plan.wgrad_chunks))
@@ -693,14 +702,22 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "Triton: a tile's loads are issued together before use (one cached sm_90 se_scale_kernel cubin: its "
     "LDG.128s precede the math); loops are not software-pipelined (no async copies in the cached TTGIR of "
     "channel_sums, excite, weight_grads), so a warp has one tile in flight.",
+    "Triton streamed plan: one 16-warp program per SM; a tile of launch.STREAM_TILE_BYTES (backward: of dy and x "
+    "together), half that on 7x7 rows; bytes in flight = the tile's valid elements (padding excluded). Loops over "
+    "chunks that reduce across warps (the GEMM items) are not overlapped even when unrolled: in the SASS of an "
+    "unrolled copy (tl.range loop_unroll_factor=2, sm_80) the second chunk's LDGs come after the first's "
+    "reduction barriers, so the MLP chain is one L2 round trip per chunk (the unroll was not kept).",
     "Triton MLP (split plan): se_hidden_kernel / se_logits_kernel (backward: se_dz1_kernel / se_dp_kernel), "
     "programs over (8-sample block, 16 hidden units) and (8-sample block, 32 channels); each reads its weight "
     "rows once per sample block; one L2 round trip per chunk of the inner dimension. "
     "Triton fused plans' excite: per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
     "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",
-    "Triton weight_grads: each program walks its chunk of at most 32 samples in order, one L2 round trip a "
-    "sample; with several chunks, se_sum_chunks_kernel adds them (one round trip a chunk).",
+    "Triton weight_grads: each program walks its chunk of at most 32 samples in order, 4 samples a step whose "
+    "loads precede their FMAs (the sm_80 and sm_90 SASS of the cached cubins: all of a step's LDGs, then the "
+    "FFMAs), one L2 round trip a step; with several chunks, se_sum_chunks_kernel adds them (one round trip a "
+    "chunk), or in the streamed plan the last program of each tile to finish does (an atomic, then one round "
+    "trip a chunk, after the last wave).",
     "CUDA channel_sums: 16 bytes per lane and iteration when H*W is a multiple of the vector width (else one "
     "element), CUDA_UNROLL iterations in flight (`#pragma unroll 4`; ASSUMPTION: the loads are issued together).",
     "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "

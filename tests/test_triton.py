@@ -328,6 +328,10 @@ STREAM_CASES = [  # split-plan sizes (C x H*W padded over 8192 elements), small 
     Case((9, 40, 16, 16), 10, "silu", "sigmoid", True, True, "relu", False),
     Case((7, 24, 20, 20), 6, "relu", "hardsigmoid", False, False, None, True),
     Case((11, 72, 9, 13), 20, "gelu", "sigmoid", True, True, "relu", True),
+    # few channels, rows of 16-element multiples: the tile grows along the rows (16 x 512)
+    Case((5, 12, 32, 32), 3, "relu", "sigmoid", True, True, "relu", False),
+    # 14x14 rows (196 = 4 x 49): the kernels' ALIGN = 4 hints (channels_last C = 24 and 72 above: 8)
+    Case((5, 40, 14, 14), 5, "silu", "sigmoid", True, True, "relu", False),
 ]
 
 
@@ -374,6 +378,28 @@ def test_streamed_plan(monkeypatch, case, fit):
         if inputs[k] is not None:
             assert torch.equal(streamed[1][k], again[1][k]), k
             assert rel_err(streamed[1][k], split[1][k]) < 1e-5, k
+
+
+def test_streamed_weight_grads_over_batch_chunks(monkeypatch):
+    """Streamed, over WGRAD_CHUNK samples: the last program of each weight-gradient tile adds the
+    chunks (no se_sum_chunks_kernel), right against the float64 reference, the same bits twice,
+    and the split plan's values up to rounding."""
+    case = Case((34, 40, 9, 16), 12, "silu", "sigmoid", True, False, None)
+    names = _launched(monkeypatch)
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(5 * stream_kept_bytes(case, torch.float32)))
+    check(case, torch.float32, fresh_seed())
+    assert "se_streamed_backward_kernel" in names and "se_sum_chunks_kernel" not in names, names
+    inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
+    dy = torch.randn(case.shape, device=DEVICE)
+    _, g1 = run(fused_se, inputs, dy, case, backend="triton")
+    _, g2 = run(fused_se, inputs, dy, case, backend="triton")
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", "0")
+    del names[:]
+    _, split = run(fused_se, inputs, dy, case, backend="triton")
+    assert "se_sum_chunks_kernel" in names, names
+    for k in ("w1", "b1", "w2", "b2"):
+        assert torch.equal(g1[k], g2[k]), k
+        assert rel_err(g1[k], split[k]) < 1e-5, k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

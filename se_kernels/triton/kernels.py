@@ -279,6 +279,34 @@ def _tile_offsets(C, L, s_n, s_c, s_l, BLOCK_C: tl.constexpr, BLOCK_L: tl.conste
 
 
 @triton.jit
+def _tile_offsets_at(n, c, l, s_n, s_c, s_l, PIXEL_ROWS: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets of the tile (n, c, l). ALIGN > 1: the rows' length (H*W, or C for
+    channels_last) is a multiple of ALIGN, and Triton is told that each row starts on one (its
+    own hints cover only multiples of 16): ALIGN-element vector accesses where it would go
+    element by element (14x14 maps: float32 16-byte, bfloat16 8-byte accesses)."""
+    if ALIGN > 1:
+        if PIXEL_ROWS:
+            rows = tl.multiple_of(n * s_n + l * s_l, ALIGN)
+            return c[:, None] * s_c + rows[None, :]
+        else:
+            rows = tl.multiple_of(n * s_n + c * s_c, ALIGN)
+            return rows[:, None] + l[None, :] * s_l
+    return n * s_n + c[:, None] * s_c + l[None, :] * s_l
+
+
+@triton.jit
+def _tile_inside(c, l, C, last, PIXEL_ROWS: tl.constexpr, ALIGN: tl.constexpr):
+    """c < C and l < last over the tile; with ALIGN (see _tile_offsets_at; `last` a multiple of
+    it) written so that Triton sees the mask constant over ALIGN elements of a row."""
+    if ALIGN > 1:
+        if PIXEL_ROWS:
+            return ((c // ALIGN) < (C // ALIGN))[:, None] & (l < last)[None, :]
+        else:
+            return (c < C)[:, None] & ((l // ALIGN) < (last // ALIGN))[None, :]
+    return (c < C)[:, None] & (l < last)[None, :]
+
+
+@triton.jit
 def _grad_tile(dy, g, dp, offsets, inside, dx_ptr, dres_ptr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
                LAST: tl.constexpr = ""):
     """grad_x = dy' * g + dp, grad_residual = dy' for one tile (g, dp: [BLOCK_C]; LAST: the
@@ -344,7 +372,7 @@ def channel_sums_kernel(
 def _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes, pixels_per_split,
                        SPLITS, DOT: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
-                       LAST: tl.constexpr = ""):
+                       LAST: tl.constexpr = "", ALIGN: tl.constexpr = 0):
     """channel_sums_kernel's program `pid` (LAST: the backward's eviction policy for x, which it
     does not read again)."""
     split = pid % SPLITS
@@ -360,8 +388,8 @@ def _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c
         l = l0 + tl.arange(0, BLOCK_L)
         if WIDE:
             l = l.to(tl.int64)
-        inside = c_ok[:, None] & (l < last)[None, :]
-        offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+        inside = _tile_inside(c, l, C, last, PIXEL_ROWS, ALIGN)
+        offsets = _tile_offsets_at(n, c, l, s_n, s_c, s_l, PIXEL_ROWS, ALIGN)
         if DOT:
             x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
             x *= _masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, l, C, L, row_bytes, OUT_RELU, PIXEL_ROWS,
@@ -494,12 +522,13 @@ def se_scale_kernel(
 @triton.jit
 def _scale_body(n, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l, row_bytes,
                 HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "", LAST: tl.constexpr = ""):
+                BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "", LAST: tl.constexpr = "",
+                ALIGN: tl.constexpr = 0):
     """se_scale_kernel's tile (n, c, l): x's last read (LAST: its eviction policy), the gates
-    (SHARED: their cache modifier)."""
+    (SHARED: their cache modifier); ALIGN: see _tile_offsets_at."""
     c_ok = c < C
-    inside = c_ok[:, None] & (l < L)[None, :]
-    offsets = n * s_n + c[:, None] * s_c + l[None, :] * s_l
+    inside = _tile_inside(c, l, C, L, PIXEL_ROWS, ALIGN)
+    offsets = _tile_offsets_at(n, c, l, s_n, s_c, s_l, PIXEL_ROWS, ALIGN)
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
     g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
     _scale_tile(x, g, offsets, inside, res_ptr, y_ptr, mask_ptr, n, c, l, C, L, row_bytes,
@@ -643,17 +672,34 @@ def _grad_input_body(n, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, d
 
 
 @triton.jit
+def _wgrad_sample(n, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S, ACT: tl.constexpr):
+    """(dz2, dz1, act(hidden), pooled) of sample n for se_weight_grads_kernel; zeros from `end` on."""
+    c_in = c_ok & (n < end)
+    s_in = s_ok & (n < end)
+    dz2 = tl.load(dz2_ptr + n * C + c, mask=c_in, other=0.0)
+    dz1 = tl.load(dz1_ptr + n * S + s, mask=s_in, other=0.0)
+    z = tl.where(s_in, _activation(tl.load(hidden_ptr + n * S + s, mask=s_in, other=0.0), ACT), 0.0)
+    p = tl.load(pooled_ptr + n * C + c, mask=c_in, other=0.0)
+    return dz2, dz1, z, p
+
+
+@triton.jit
 def se_weight_grads_kernel(
     dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr,  # (N, S), (N, C), (N, S), (N, C) in ACC
     dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,  # (S, C), (S), (C, S), (C): chunk k's at k * chunk_stride
+    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr,  # SUM_HERE: the weights' gradients
+    done_ptr,  # SUM_HERE: int64 zeros from done_offset on, one per (C block, S block)
     N, C, S, per_chunk, chunk_stride, o_db1, o_dw2, o_db2,  # o_*: element offsets of db1, dW2, db2
-    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    done_offset,
+    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SUM_HERE: tl.constexpr,
 ):
     """dW2 = dz2^T act(hidden), dW1 = dz1^T pooled, db2 = sum dz2, db1 = sum dz1 over the samples
     [chunk * per_chunk, (chunk + 1) * per_chunk) for one (C block, S block), adding them in order:
     deterministic. 1-D grid over (chunks, S blocks, C blocks), C blocks fastest. One chunk: the
     weights' gradients themselves (cast to their dtype); several: ACC partials in one buffer
-    (passed four times, o_* apart), chunk k's at k * chunk_stride, added by se_sum_chunks_kernel."""
+    (passed four times, o_* apart), chunk k's at k * chunk_stride, added by se_sum_chunks_kernel or
+    (SUM_HERE: where the streamed plan's zeroed counters are at hand) by the last program of each
+    (C block, S block) to finish."""
     c_blocks = tl.cdiv(C, BLOCK_C)
     s_blocks = tl.cdiv(S, BLOCK_S)
     pid_c = tl.program_id(0) % c_blocks
@@ -667,15 +713,33 @@ def se_weight_grads_kernel(
     dw1 = tl.zeros([BLOCK_S, BLOCK_C], ACC)
     db2 = tl.zeros([BLOCK_C], ACC)
     db1 = tl.zeros([BLOCK_S], ACC)
-    for n in range(chunk * per_chunk, tl.minimum(N, (chunk + 1) * per_chunk)):
-        dz2 = tl.load(dz2_ptr + n * C + c, mask=c_ok, other=0.0)
-        dz1 = tl.load(dz1_ptr + n * S + s, mask=s_ok, other=0.0)
-        z = tl.where(s_ok, _activation(tl.load(hidden_ptr + n * S + s, mask=s_ok, other=0.0), ACT), 0.0)
-        p = tl.load(pooled_ptr + n * C + c, mask=c_ok, other=0.0)
-        dw2 += dz2[:, None] * z[None, :]
-        dw1 += dz1[:, None] * p[None, :]
-        db2 += dz2
-        db1 += dz1
+    end = tl.minimum(N, (chunk + 1) * per_chunk)
+    for n0 in range(chunk * per_chunk, end, 4):
+        # 4 samples a step, their loads issued before any of them is added (one L2 round trip a
+        # step, not a sample), then added in sample order; past `end` they are zeros
+        a2, a1, az, ap = _wgrad_sample(n0, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S, ACT)
+        b2, b1, bz, bp = _wgrad_sample(n0 + 1, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
+                                       ACT)
+        e2, e1, ez, ep = _wgrad_sample(n0 + 2, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
+                                       ACT)
+        f2, f1, fz, fp = _wgrad_sample(n0 + 3, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
+                                       ACT)
+        dw2 += a2[:, None] * az[None, :]
+        dw2 += b2[:, None] * bz[None, :]
+        dw2 += e2[:, None] * ez[None, :]
+        dw2 += f2[:, None] * fz[None, :]
+        dw1 += a1[:, None] * ap[None, :]
+        dw1 += b1[:, None] * bp[None, :]
+        dw1 += e1[:, None] * ep[None, :]
+        dw1 += f1[:, None] * fp[None, :]
+        db2 += a2
+        db2 += b2
+        db2 += e2
+        db2 += f2
+        db1 += a1
+        db1 += b1
+        db1 += e1
+        db1 += f1
     base = chunk * chunk_stride
     tl.store(dw2_ptr + base + o_dw2 + c[:, None] * S + s[None, :], dw2.to(dw2_ptr.dtype.element_ty),
              mask=c_ok[:, None] & s_ok[None, :])
@@ -685,6 +749,40 @@ def se_weight_grads_kernel(
         tl.store(db2_ptr + base + o_db2 + c, db2.to(db2_ptr.dtype.element_ty), mask=c_ok)
     if pid_c == 0:
         tl.store(db1_ptr + base + o_db1 + s, db1.to(db1_ptr.dtype.element_ty), mask=s_ok)
+    if SUM_HERE:
+        # the last of the chunks' programs of this (C block, S block) to finish adds the chunks'
+        # partials in chunk order, as se_sum_chunks_kernel would (the same bits), without its launch:
+        # every thread's stores, then one release add; its acquire, then .cg loads of the others'
+        tl.debug_barrier()
+        finished = tl.atomic_add(done_ptr + done_offset + pid_s * c_blocks + pid_c, 1, sem="acq_rel")
+        if finished == tl.num_programs(0) // (c_blocks * s_blocks) - 1:
+            _sum_chunk_tile(dw1_ptr, c, s, c_ok, s_ok, pid_c, pid_s, chunk_stride, o_db1, o_dw2, o_db2, C, S,
+                            tl.num_programs(0) // (c_blocks * s_blocks), gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr)
+
+
+@triton.jit
+def _sum_chunk_tile(partial_ptr, c, s, c_ok, s_ok, pid_c, pid_s, chunk_stride, o_db1, o_dw2, o_db2, C, S, CHUNKS,
+                    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr):
+    """The weight gradients of one (C block, S block): its CHUNKS partials added in chunk order."""
+    cs_ok = c_ok[:, None] & s_ok[None, :]
+    sc_ok = s_ok[:, None] & c_ok[None, :]
+    w2_at = o_dw2 + c[:, None] * S + s[None, :]
+    w1_at = s[:, None] * C + c[None, :]
+    w2 = tl.load(partial_ptr + w2_at, mask=cs_ok, other=0.0, cache_modifier=".cg")
+    w1 = tl.load(partial_ptr + w1_at, mask=sc_ok, other=0.0, cache_modifier=".cg")
+    b2 = tl.load(partial_ptr + o_db2 + c, mask=c_ok, other=0.0, cache_modifier=".cg")
+    b1 = tl.load(partial_ptr + o_db1 + s, mask=s_ok, other=0.0, cache_modifier=".cg")
+    for k in range(1, CHUNKS):
+        w2 += tl.load(partial_ptr + k * chunk_stride + w2_at, mask=cs_ok, other=0.0, cache_modifier=".cg")
+        w1 += tl.load(partial_ptr + k * chunk_stride + w1_at, mask=sc_ok, other=0.0, cache_modifier=".cg")
+        b2 += tl.load(partial_ptr + k * chunk_stride + o_db2 + c, mask=c_ok, other=0.0, cache_modifier=".cg")
+        b1 += tl.load(partial_ptr + k * chunk_stride + o_db1 + s, mask=s_ok, other=0.0, cache_modifier=".cg")
+    tl.store(gw2_ptr + c[:, None] * S + s[None, :], w2.to(gw2_ptr.dtype.element_ty), mask=cs_ok)
+    tl.store(gw1_ptr + w1_at, w1.to(gw1_ptr.dtype.element_ty), mask=sc_ok)
+    if pid_s == 0:
+        tl.store(gb2_ptr + c, b2.to(gb2_ptr.dtype.element_ty), mask=c_ok)
+    if pid_c == 0:
+        tl.store(gb1_ptr + s, b1.to(gb1_ptr.dtype.element_ty), mask=s_ok)
 
 
 @triton.jit
@@ -854,7 +952,7 @@ def se_streamed_forward_kernel(
     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
-    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr,
+    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """The forward's streamed plan: channel sums -> hidden -> logits and gates -> scale, per group."""
     c_blocks = tl.cdiv(C, BLOCK_C)
@@ -869,7 +967,8 @@ def se_streamed_forward_kernel(
                 pid = n0 * (c_blocks * SPLITS) + index
                 if pid < n1 * (c_blocks * SPLITS):
                     _channel_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
-                                       BLOCK_L, SPLITS, False, False, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE)
+                                       BLOCK_L, SPLITS, False, False, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
+                                       ALIGN=ALIGN)
             elif stage == 1:
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _hidden_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w1_ptr,
@@ -885,7 +984,8 @@ def se_streamed_forward_kernel(
                 if tile >= n0 * tiles_per_sample:
                     nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
                     _scale_body(nt, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l,
-                                row_bytes, HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, ".cg", "evict_first")
+                                row_bytes, HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, ".cg", "evict_first",
+                                ALIGN)
             if stage < 3:
                 _stream_signal(counters_ptr, g, stage)
         i = ahead
@@ -904,7 +1004,7 @@ def se_streamed_backward_kernel(
     NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
-    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr,
+    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """The backward's streamed plan: sums of dy' * x -> dz1 (dz2, gates) -> dp -> grad_input, per
     group; the weight gradients follow as in the split plan."""
@@ -921,7 +1021,7 @@ def se_streamed_backward_kernel(
                 if pid < n1 * (c_blocks * SPLITS):
                     _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
                                        BLOCK_L, SPLITS, True, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
-                                       "evict_first")
+                                       "evict_first", ALIGN)
             elif stage == 1:
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _dz1_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w2_ptr,
@@ -936,8 +1036,8 @@ def se_streamed_backward_kernel(
                 if tile >= n0 * tiles_per_sample:
                     nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
                     c_ok = c < C
-                    inside = c_ok[:, None] & (l < L)[None, :]
-                    offsets = nt * s_n + c[:, None] * s_c + l[None, :] * s_l
+                    inside = _tile_inside(c, l, C, L, PIXEL_ROWS, ALIGN)
+                    offsets = _tile_offsets_at(nt, c, l, s_n, s_c, s_l, PIXEL_ROWS, ALIGN)
                     _grad_input_body(nt, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr,
                                      dp_ptr, C, L, row_bytes, OUT_RELU, NEED_DX, NEED_DRES, PIXEL_ROWS, ACC, BLOCK_C,
                                      BLOCK_L, ".cg", "evict_first")

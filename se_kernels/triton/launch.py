@@ -29,14 +29,15 @@ MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the fused plans' 
 MLP_BLOCK_N = 8  # samples per program of the split plans' MLP GEMMs (each weight read N / 8 times)
 MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
+WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (kernels.py; added in order)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 STREAM_MIN_LAG, STREAM_MAX_GROUP = 3, 8  # csrc/cuda/se_stream.h kMinLag, kMaxGroup
 STREAM_BUDGET_ENV = "SE_KERNELS_STREAM_BUDGET"  # bytes of L2 the streamed plans count on (0: never stream)
 STREAM_PROGRAMS_PER_SM = 1  # persistent programs of the streamed plan per multiprocessor
-# bytes one tile of the streamed plan loads (x; backward dy and x), at most STREAM_TILE_ELEMENTS
-# (forward) or TILE_ELEMENTS (backward) elements: a program (16 warps, one per SM) has one tile's
-# loads in flight, and the HBM latency needs about 26 KiB per SM (benchmarks/gpu_model.py).
-# Larger tiles spilled (sm_80, sm_90): bfloat16 forward tiles of 16384 elements, backward of 8192.
+# bytes one tile of the streamed plan loads (x; backward dy and x): a program (16 warps, one per
+# SM) has one tile's loads in flight, and the HBM latency needs about 26 KiB per SM
+# (benchmarks/gpu_model.py). Where rows allow no 8-byte accesses (Plan._stream), at most
+# STREAM_TILE_ELEMENTS (forward) or TILE_ELEMENTS (backward) elements.
 STREAM_TILE_BYTES = 32768
 STREAM_TILE_ELEMENTS = 8192
 
@@ -145,6 +146,30 @@ _L2_BUDGET: dict = {}
 GRID_X_MAX = 2**31 - 1
 
 
+def _least_padded(g: Geometry, elements: int, block_c: int, block_l: int):
+    """The (BLOCK_C, BLOCK_L) of at most `elements` elements, the row axis at least 128 long,
+    whose tiles pad one sample least (a tile holds only as many loads as it has valid elements:
+    C = 96 in 64-channel blocks is 75% valid, in 32-channel blocks 100%); ties: the larger
+    tile, then the given one."""
+    row_len, other_len = (g.C, g.L) if g.pixel_rows else (g.L, g.C)
+    row_min, other_min = (g.min_c, g.min_l) if g.pixel_rows else (g.min_l, g.min_c)
+    given = (block_c, block_l) if g.pixel_rows else (block_l, block_c)
+
+    def score(shape):
+        r, o = shape
+        padded = triton.cdiv(row_len, r) * r * triton.cdiv(other_len, o) * o
+        return (row_len * other_len / padded, r * o, shape == given)
+    shapes = [given]
+    r = 128
+    while r <= max(_pow2(row_len), row_min):
+        o = min(max(elements // r, other_min), max(_pow2(other_len), other_min))
+        if r * o <= elements:
+            shapes.append((r, o))
+        r *= 2
+    best = max(shapes, key=score)
+    return (best[0], best[1]) if g.pixel_rows else (best[1], best[0])
+
+
 class Plan:
     """The launch plan of one call: fused or split, the split plan's tile and pixel splits, and
     every kernel's grid (name -> 1-D grid). Shapes only: it runs on meta tensors too, which is
@@ -171,7 +196,7 @@ class Plan:
         self.mlp_warps = tuple(_warps(self.mlp_block_n * a * b) for a, b in
                                ((self.mlp_block_s, self.mlp_chunk_c), (self.mlp_block_c, self.mlp_chunk_s)))
         self.wgrad_block_c = min(_pow2(g.C), 64)
-        self.wgrad_block_s = min(_pow2(g.S), 64)
+        self.wgrad_block_s = min(_pow2(g.S), 32)  # 64 with 4 samples a step: 255 registers, spilled 12 B (sm_80)
         # the weight gradients sum the batch in chunks of at most WGRAD_CHUNK samples, one set of
         # programs per chunk (more programs in flight, fewer samples in series each)
         self.wgrad_chunks = triton.cdiv(g.N, WGRAD_CHUNK)
@@ -194,7 +219,7 @@ class Plan:
         if backward:
             self.grids["se_weight_grads_kernel"] = (
                 triton.cdiv(g.C, self.wgrad_block_c) * triton.cdiv(g.S, self.wgrad_block_s) * self.wgrad_chunks,)
-            if self.wgrad_chunks > 1:
+            if self.wgrad_chunks > 1 and self.stream is None:  # streamed: the last program of a tile adds them
                 self.grids["se_sum_chunks_kernel"] = (triton.cdiv(2 * g.S * g.C + g.S + g.C, SUM_BLOCK),)
         for name, grid in self.grids.items():
             if grid[0] > GRID_X_MAX:
@@ -208,11 +233,22 @@ class Plan:
         x = g.C * g.L * elem
         if budget <= 0 or g.N * (tensors * x + mask) <= budget:
             return None
-        elements = (min(TILE_ELEMENTS, STREAM_TILE_BYTES // (2 * elem)) if backward
-                    else min(STREAM_TILE_ELEMENTS, STREAM_TILE_BYTES // elem))
+        elements = STREAM_TILE_BYTES // ((2 if backward else 1) * elem)
+        row = g.C if g.pixel_rows else g.L
+        # rows of no multiple of 16 elements: Triton cannot prove their alignment itself (its
+        # divisibility hint is 16); the kernels are told the power of two that divides the row
+        # length (ALIGN, kernels._tile_offsets_at). Accesses under 8 bytes (7x7 maps: element by
+        # element, an address each) take the smaller tile: the full one spilled there (sm_90,
+        # 20-100 B); with 8-byte accesses (bfloat16 14x14) it does not
+        align = 16 if row % 16 == 0 else row & -row
+        self.stream_align = align if 1 < align < 16 else 0  # 0: no hint (16: Triton's own)
+        if align * elem < 8:
+            elements = min(elements, TILE_ELEMENTS if backward else STREAM_TILE_ELEMENTS)
         block_c, block_l = g.tile(elements)
         if (block_c if g.pixel_rows else block_l) < 128:  # short rows: a 128 x 64 float32 tile spilled (sm_90)
             block_c, block_l = g.tile(min(elements, TILE_ELEMENTS))
+        else:  # long rows: the tile of `elements` (or fewer) that pads the sample least
+            block_c, block_l = _least_padded(g, elements, block_c, block_l)
         self.stream_block_c, self.stream_block_l = block_c, block_l
         tiles = triton.cdiv(g.C, self.stream_block_c) * triton.cdiv(g.L, self.stream_block_l)
         sched = stream_schedule(g.N, x + mask, budget, tiles, triton.cdiv(g.S, self.mlp_block_s),
@@ -283,12 +319,14 @@ STREAM_WARPS = 16
 STREAM_MAX_REGISTERS = 128  # all a 512-thread program can have; ptxas chose 64 and spilled (sm_80) without it
 
 
-def _stream_buffers(g: Geometry, plan: Plan, x: torch.Tensor, acc_dtype: torch.dtype):
+def _stream_buffers(g: Geometry, plan: Plan, x: torch.Tensor, acc_dtype: torch.dtype, wgrad: bool = False):
     """(pixel splits, the (N, splits, C) partial sums, the zeroed counters) of a streamed launch:
-    one split per pixel block of the tile; 3 counters per group, then the claim counter."""
+    one split per pixel block of the tile; 3 counters per group, then the claim counter, then
+    (wgrad, several weight-gradient chunks) one per weight-gradient (C block, S block)."""
     splits = triton.cdiv(g.L, plan.stream_block_l)
     partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=acc_dtype)
-    return splits, partial, torch.zeros(3 * plan.stream["groups"] + 1, device=x.device, dtype=torch.int64)
+    tiles = plan.grids["se_weight_grads_kernel"][0] // plan.wgrad_chunks if wgrad and plan.wgrad_chunks > 1 else 0
+    return splits, partial, torch.zeros(3 * plan.stream["groups"] + 1 + tiles, device=x.device, dtype=torch.int64)
 
 
 def _stream_args(st: dict) -> tuple:
@@ -299,7 +337,8 @@ def _stream_args(st: dict) -> tuple:
 def _stream_blocks(g: Geometry, plan: Plan) -> dict:
     """The streamed kernels' tile constexprs: their own tile (STREAM_TILE_BYTES), the split plan's
     MLP blocks."""
-    return dict(BLOCK_C=plan.stream_block_c, BLOCK_L=plan.stream_block_l, WIDE=g.wide, MLP_BLOCK_N=plan.mlp_block_n,
+    return dict(BLOCK_C=plan.stream_block_c, BLOCK_L=plan.stream_block_l, WIDE=g.wide, ALIGN=plan.stream_align,
+                MLP_BLOCK_N=plan.mlp_block_n,
                 MLP_BLOCK_S=plan.mlp_block_s, MLP_CHUNK_C=plan.mlp_chunk_c, MLP_BLOCK_C=plan.mlp_block_c,
                 MLP_CHUNK_S=plan.mlp_chunk_s)
 
@@ -415,7 +454,7 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
                 BLOCK_S=g.block_s, num_warps=_warps(2 * g.block_c_all * g.block_l_all),
             )
         elif plan.stream is not None:
-            splits, partial, counters = _stream_buffers(g, plan, x, pooled.dtype)
+            splits, partial, counters = _stream_buffers(g, plan, x, pooled.dtype, wgrad=True)
             _k(kernels.se_streamed_backward_kernel)[plan.grids["se_streamed_backward_kernel"]](
                 grad_y, x, mask_arg, dx_arg, dres_arg, w1, w2, hidden, gate_logits, partial, dz1, dz2,
                 torch.empty_like(pooled), torch.empty_like(pooled), counters, g.N, g.C, g.S, g.L, *g.strides,
@@ -453,12 +492,17 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             wpartial = torch.empty((plan.wgrad_chunks, total), device=x.device, dtype=pooled.dtype)
             sc = g.S * g.C
             outs, stride, offsets = (wpartial,) * 4, total, (sc, sc + g.S, 2 * sc + g.S)
+        # several chunks in the streamed plan: the last program of each tile adds them (its counters
+        # follow the streamed kernel's, zeroed with them); in the split plan se_sum_chunks_kernel does
+        sum_here = plan.wgrad_chunks > 1 and plan.stream is not None
+        done = counters if sum_here else dz1
         _k(kernels.se_weight_grads_kernel)[plan.grids["se_weight_grads_kernel"]](
-            dz1, dz2, hidden, pooled, *outs, g.N, g.C, g.S, plan.wgrad_per_chunk, stride, *offsets,
-            ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s,
-            num_warps=8,  # two 64 x 64 accumulators: 4 warps spilled 4 B at 128 registers (sm_90)
+            dz1, dz2, hidden, pooled, *outs, *grads, done, g.N, g.C, g.S, plan.wgrad_per_chunk, stride, *offsets,
+            3 * plan.stream["groups"] + 1 if sum_here else 0,
+            ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s, SUM_HERE=sum_here,
+            num_warps=8,  # two 64 x 32 accumulators, 4 samples a step: 88-255 registers, 8 resident warps/SM or more
         )
-        if plan.wgrad_chunks > 1:
+        if plan.wgrad_chunks > 1 and not sum_here:
             _k(kernels.se_sum_chunks_kernel)[plan.grids["se_sum_chunks_kernel"]](
                 wpartial, *grads, g.C, g.S, plan.wgrad_chunks, BLOCK=SUM_BLOCK, num_warps=4,
             )
