@@ -593,6 +593,98 @@ def cuda_streamed(p: Problem, res: Resources, dev: Device) -> Optional[List[Kern
     return ks
 
 
+# ---- eager PyTorch (ReferenceSE, the benchmarks' baseline) ---------------------------------
+
+EAGER_TARGET = 3.0  # the issue's "3x eager", reported per case and as geomeans (not part of --check)
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a strided tensor addresses (an expanded (N, C, 1, 1) gate:
+    N * C elements, not N * C * H * W)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride != 0 else 1
+    return n * t.element_size()
+
+
+def eager_ops(p: Problem) -> List[Tuple[str, List[Tuple[int, int]], List[int]]]:
+    """The ATen ops eager ReferenceSE runs for `p` (forward: the module call; backward: the
+    autograd backward of the module's output), traced on meta tensors under a dispatch mode: per
+    op that is neither a view nor an allocation, (name, [(bytes, the index of the last earlier op
+    that read or wrote the tensor, -1 if none)] read, [bytes] written). The forward is traced
+    with autograd on, as in training; the weights in x's dtype. The trace holds only weak
+    references: a strong one would make autograd's AccumulateGrad copy the gradient it otherwise
+    takes over."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from se_kernels.reference import ReferenceSE
+
+    ops: list = []
+    touched: list = []  # per op so far, weak references to the tensors it read or wrote
+
+    def last_touch(t: torch.Tensor) -> int:
+        return next((i for i in range(len(touched) - 1, -1, -1) if any(r() is t for r in touched[i])), -1)
+
+    class Trace(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and "empty" not in str(func):
+                ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                ops.append((str(func), [(_distinct_bytes(t), last_touch(t)) for t in ins],
+                            [_distinct_bytes(t) for t in outs]))
+                touched.append([weakref.ref(t) for t in ins + outs])
+            return out
+
+    s = p.site
+    dtype = DTYPES[p.dtype][0]
+    module = ReferenceSE(s.c, s.s, activation=s.activation, gate=s.gate,
+                         out_activation="relu" if p.residual else None).to(device="meta", dtype=dtype)
+    x = torch.empty(s.shape, device="meta", dtype=dtype, requires_grad=True)
+    # the residual needs no gradient of its own: in a network it is a layer's output, and eager's
+    # add passes the same gradient tensor on (as a leaf, AccumulateGrad would copy it)
+    residual = torch.empty_like(x) if p.residual else None
+    if p.direction == "forward":
+        with Trace():
+            module(x, residual)
+    else:
+        y = module(x, residual)
+        dy = torch.empty_like(y)
+        with Trace():
+            y.backward(dy)
+    return ops
+
+
+@dataclass
+class Eager:
+    problem: Problem
+    ops: int
+    hbm_bytes: float
+    seconds: float
+
+
+def predict_eager(p: Problem, dev: Device) -> Eager:
+    """Eager's time, counted in eager's favour: every op at the HBM bandwidth (reductions and
+    cuDNN's small convolutions included), one launch gap between ops (eager's dispatch on the CPU
+    is slower than that: ASSUMPTION in its favour), and a read of a tensor an earlier op touched
+    is an L2 hit when the bytes of every op from that one to this one fit the effective L2 (a
+    tensor counted once per op that touched it: an over-count, against eager)."""
+    ops = eager_ops(p)
+    seconds, hbm_total, op_bytes = 0.0, 0.0, []
+    for _name, reads, writes in ops:
+        touched = sum(b for b, _ in reads) + sum(writes)
+        l2 = sum(b for b, last in reads if last >= 0 and sum(op_bytes[last:]) + touched <= dev.l2_effective)
+        hbm = touched - l2
+        hbm_total += hbm
+        seconds += max(hbm / dev.hbm_bw, (hbm + l2) / dev.l2_bw)
+        op_bytes.append(touched)
+    seconds += dev.launch_gap * (len(ops) - 1)
+    return Eager(p, len(ops), hbm_total, seconds)
+
+
 # ---- the runs and the report ----------------------------------------------------------------
 
 def shape_sets(derive_efficientnet: bool = False) -> List[Tuple[str, Tuple[Site, ...]]]:
@@ -609,15 +701,24 @@ class Row:
     set_name: str
     pred: Prediction
     once: Prediction  # the same plan with the second pass all L2 hits
+    eager: Eager  # eager PyTorch on the same problem
+
+    @property
+    def speedup(self) -> float:
+        """Predicted eager time / predicted time of the backend's plan."""
+        return self.eager.seconds / self.pred.seconds
 
 
 def run(dev: Device, res: Resources, derive_efficientnet: bool = False) -> List[Row]:
     """Every (set, site, dtype, epilogue, backend, direction), NCHW."""
-    rows = []
+    rows, eager = [], {}
     for set_name, sites in shape_sets(derive_efficientnet):
         for site, dtype, epi, backend, direction in product(sites, DTYPES, EPILOGUES, BACKENDS, DIRECTIONS):
             p = Problem(site, dtype, epi, direction)
-            rows.append(Row(set_name, predict(p, backend, dev, res), predict(p, backend, dev, res, force_l2=True)))
+            if p not in eager:
+                eager[p] = predict_eager(p, dev)
+            rows.append(Row(set_name, predict(p, backend, dev, res), predict(p, backend, dev, res, force_l2=True),
+                            eager[p]))
     return rows
 
 
@@ -642,6 +743,8 @@ def inputs_table(dev: Device) -> List[str]:
          "(serial loops: excite, weight grads)"),
         ("CUDA loads in flight", f"loops {CUDA_UNROLL}/thread, tiles {CUDA_STEPS_IN_FLIGHT} steps/warp",
          "ASSUMPTION: nvcc's usual unroll / se_tiles.h's comment; weight_grads' `#pragma unroll 8` as written"),
+        ("eager PyTorch", "ReferenceSE's ATen ops", "traced on meta tensors (predict_eager); each op at the HBM "
+         "bandwidth with the launch gap between ops: ASSUMPTION in eager's favour (its CPU dispatch is slower)"),
         ("Triton resident warps/SM", TRITON_TABLE.name, "per kernel, dtype, tile, warps (sm_90, low end of range)"),
         ("CUDA registers", CUDA_TABLE.name, "sm_90 rows; 256 threads per block; resident warps from "
          "registers and shared memory"),
@@ -696,6 +799,53 @@ def summary(rows: List[Row]) -> Tuple[List[str], List[str]]:
         lines.append(f"| {set_name} | {label} | {dtype} | {epilogue} | {xb / 2**20:.0f} | {cap} | {plan} | "
                      + " | ".join(cells) + " |")
     return lines, misses
+
+
+def _geomean(values: Sequence[float]) -> float:
+    import math
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def eager_section(rows: List[Row]) -> Tuple[List[str], int, int]:
+    """(markdown lines, cases of >= SUMMARY_MIN_X below EAGER_TARGET, such cases): each backend's
+    predicted time against eager PyTorch's (predict_eager), per >= 32 MiB case and as geomeans."""
+    by_case: Dict[tuple, Dict[tuple, Row]] = {}
+    for r in rows:
+        p = r.pred.problem
+        by_case.setdefault((r.set_name, p.site.label, p.dtype, p.epilogue, p.x_bytes), {})[
+            (r.pred.backend, p.direction)] = r
+    lines = [f"Eager: the ATen ops ReferenceSE runs (traced on meta tensors; the forward pools, runs two 1x1 "
+             "convolutions, the activation and gate, multiplies, then adds the residual and applies relu; the "
+             "backward is autograd's), counted in eager's favour: every op at the HBM bandwidth, one launch gap "
+             "between ops, a tensor an earlier op touched read from L2 when the bytes of the ops from that one to "
+             "this one fit the effective L2. eager bytes: eager's HBM bytes / the floor's, the most a plan at the "
+             f"floor can gain from bytes alone. Target: {EAGER_TARGET:g}x eager (`ok` / `below`); not part of "
+             "--check.", "",
+             "| set | site | dtype | epilogue | eager ops fwd / bwd | eager bytes fwd / bwd | triton fwd | triton bwd "
+             "| cuda fwd | cuda bwd |", "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    below = total = 0
+    for (set_name, label, dtype, epilogue, xb), case in by_case.items():
+        if xb < SUMMARY_MIN_X:
+            continue
+        cells = []
+        for backend, direction in product(BACKENDS, DIRECTIONS):
+            x = case[(backend, direction)].speedup
+            total += 1
+            below += x < EAGER_TARGET
+            cells.append(f"{x:.2f}x {'ok' if x >= EAGER_TARGET else 'below'}")
+        ops = " / ".join(str(case[("triton", d)].eager.ops) for d in DIRECTIONS)
+        ratio = " / ".join(f"{case[('triton', d)].eager.hbm_bytes / case[('triton', d)].pred.problem.floor_bytes():.2f}"
+                           for d in DIRECTIONS)
+        lines.append(f"| {set_name} | {label} | {dtype} | {epilogue} | {ops} | {ratio} | " + " | ".join(cells) + " |")
+    lines += ["", f"{total - below} of {total} cases of >= 32 MiB reach {EAGER_TARGET:g}x eager.", "",
+              "Geomean of eager time / predicted time:", "",
+              "| cases | triton fwd | triton bwd | cuda fwd | cuda bwd |", "| --- | ---: | ---: | ---: | ---: |"]
+    for title, keep in (("x >= 32 MiB", lambda r: r.pred.problem.x_bytes >= SUMMARY_MIN_X), ("all", lambda r: True)):
+        cells = [_geomean([r.speedup for r in rows
+                           if keep(r) and r.pred.backend == b and r.pred.problem.direction == d])
+                 for b, d in product(BACKENDS, DIRECTIONS)]
+        lines.append(f"| {title} | " + " | ".join(f"{v:.2f}x" for v in cells) + " |")
+    return lines, below, total
 
 
 KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on a GPU or in SASS
@@ -756,6 +906,8 @@ def report(rows: List[Row], dev: Device, res: Resources, derived: bool, command:
           "## Summary: sites whose x is >= 32 MiB", ""] + summary_lines + [""]
     md += [f"{len(misses)} of {4 * sum(line.startswith('| ') for line in summary_lines[4:])} summary cases miss "
            "their target.", ""]
+    eager_lines, _below, _total = eager_section(rows)
+    md += ["## Against eager PyTorch (model)", ""] + eager_lines + [""]
     md += ["## Flags (resource rows not found: defaults used)", ""]
     md += [f"- {m}" for m in sorted(res.missing)] or ["- none"]
     md += ["", "## Every case", ""] + rows_table(rows)

@@ -130,6 +130,43 @@ def test_stream_schedule_is_the_kernels(tmp_path):
     assert streamed >= 10
 
 
+@pytest.mark.parametrize("epilogue, direction, x_passes, ops", [
+    # mean reads x; mul reads x, writes y
+    ("none", "forward", 3, ["mean", "convolution", "relu", "convolution", "sigmoid", "mul"]),
+    # + add (reads y, the residual, writes), relu (reads, writes)
+    ("residual_relu", "forward", 8, ["mean", "convolution", "relu", "convolution", "sigmoid", "mul", "add", "relu"]),
+    # dy*gate (2), dy*x (3), sum (1), mean's backward divides an expanded tensor into a full one
+    # (1), add (3); no copy: the gradient is taken over, not copied
+    ("none", "backward", 10, ["mul", "mul", "sum", "sigmoid_backward", "convolution_backward",
+                              "threshold_backward", "convolution_backward", "div", "add"]),
+    # + relu's backward first (reads dy and the output, writes)
+    ("residual_relu", "backward", 13, ["threshold_backward", "mul", "mul", "sum", "sigmoid_backward",
+                                       "convolution_backward", "threshold_backward", "convolution_backward",
+                                       "div", "add"]),
+])
+def test_eager_trace_hand_counted(epilogue, direction, x_passes, ops):
+    """The traced eager ops and their HBM bytes, counted by hand: at 102 MB no two ops fit the L2
+    together, so every full-size read and write goes to HBM."""
+    p = Problem(IMAGENET_56, "float32", epilogue, direction)
+    traced = gpu_model.eager_ops(p)
+    assert [name.split(".")[1] for name, _, _ in traced] == ops
+    eager = gpu_model.predict_eager(p, Device())
+    x = 32 * 256 * 56 * 56 * 4
+    assert eager.ops == len(ops)
+    assert x_passes * x <= eager.hbm_bytes < x_passes * x + 0.01 * x  # + the (N, C) tensors and weights
+    assert eager.seconds > eager.hbm_bytes / Device().hbm_bw
+
+
+def test_eager_small_ops_hit_l2():
+    """On a small site the ops from mean to mul fit the L2 together: mul's read of x (mean read it
+    four ops before) is an L2 hit; y's write is not."""
+    p = Problem(CIFAR_8, "float32", "none", "forward")
+    x = 128 * 256 * 64 * 4
+    eager = gpu_model.predict_eager(p, Device())
+    small = 3 * 128 * 256 * 4 + 2 * 128 * 16 * 4 + 2 * 16 * 256 * 4 + (16 + 256) * 4  # (N, C), (N, S), weights
+    assert eager.hbm_bytes == 2 * x + small  # mean's read of x, mul's write of y
+
+
 def test_script_end_to_end(tmp_path):
     out = tmp_path / "model.md"
     rc = gpu_model.main(["--out", str(out), "--check"])
@@ -137,3 +174,4 @@ def test_script_end_to_end(tmp_path):
     assert "## Summary" in text and "| triton |" in text and "| cuda |" in text
     assert "imagenet-se-resnet50@256" in text and "efficientnet-b0" in text
     assert rc == (1 if " MISS " in text else 0)
+    assert "## Against eager PyTorch (model)" in text and "reach 3x eager" in text

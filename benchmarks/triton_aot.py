@@ -280,12 +280,13 @@ def jit_kernels() -> Dict[str, object]:
 
 
 def kernels_named_in_launch_code() -> List[str]:
-    """The `kernels.NAME` that se_kernels/triton/launch.py (the SE op) and stages.py (the generic
-    channel-attention path) launch."""
+    """The `kernels.NAME_kernel` that se_kernels/triton/launch.py (the SE op) and stages.py (the
+    generic channel-attention path) launch (a name ending in _kernel: prose in comments that names
+    kernels.py or one of its helpers is not a launch)."""
     from se_kernels.triton import launch, stages
 
     text = Path(launch.__file__).read_text() + Path(stages.__file__).read_text()
-    return sorted(set(re.findall(r"\bkernels\.(\w+)", text)))
+    return sorted(set(re.findall(r"\bkernels\.(\w+_kernel)\b", text)))
 
 
 @contextlib.contextmanager

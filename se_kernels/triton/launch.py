@@ -29,7 +29,7 @@ MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the fused plans' 
 MLP_BLOCK_N = 8  # samples per program of the split plans' MLP GEMMs (each weight read N / 8 times)
 MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
-WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (kernels.py; added in order)
+WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (se_weight_grads_kernel; added in order)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 STREAM_MIN_LAG, STREAM_MAX_GROUP = 3, 8  # csrc/cuda/se_stream.h kMinLag, kMaxGroup
 STREAM_BUDGET_ENV = "SE_KERNELS_STREAM_BUDGET"  # bytes of L2 the streamed plans count on (0: never stream)
@@ -237,7 +237,7 @@ class Plan:
         row = g.C if g.pixel_rows else g.L
         # rows of no multiple of 16 elements: Triton cannot prove their alignment itself (its
         # divisibility hint is 16); the kernels are told the power of two that divides the row
-        # length (ALIGN, kernels._tile_offsets_at). Accesses under 8 bytes (7x7 maps: element by
+        # length (ALIGN; see _tile_offsets_at). Accesses under 8 bytes (7x7 maps: element by
         # element, an address each) take the smaller tile: the full one spilled there (sm_90,
         # 20-100 B); with 8-byte accesses (bfloat16 14x14) it does not
         align = 16 if row % 16 == 0 else row & -row
