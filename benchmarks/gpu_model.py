@@ -353,6 +353,26 @@ def _triton_mlp(g, elem: int) -> Tuple[float, int]:
     return w1 + w2, iters
 
 
+def _triton_gemm_trips(plan, c: int, sq: int, splits: int, streamed: bool, first: bool = False,
+                       second: bool = False) -> int:
+    """Dependent L2 round trips of the MLP GEMMs (kernels.py _hidden_body / _logits_body, backward
+    _dz1_body / _dp_body): the plan's unroll (split kernels: plan.mlp_unroll_c / _s; streamed:
+    plan.stream_unroll_c / _s) chunks of the inner dimension a step, each
+    operand's chunks in one load, the activations' (the first GEMM: the first split_block pixel
+    splits' partials) before the weights', whose layout conversion is the step's first wait: one
+    round trip a step, plus one per further split_block splits; one more each for the loads after
+    the loop (bias; backward: hidden). Both GEMMs (first=second=False), or one."""
+    both = not (first or second)
+    unroll_c, unroll_s, split_block = ((plan.stream_unroll_c, plan.stream_unroll_s, plan.stream_split_block)
+                                       if streamed else (plan.mlp_unroll_c, plan.mlp_unroll_s, plan.mlp_split_block))
+    trips = 0
+    if first or both:
+        trips += 1 + cdiv(c, unroll_c * plan.mlp_chunk_c) * cdiv(max(1, splits), split_block)
+    if second or both:
+        trips += 1 + cdiv(sq, unroll_s * plan.mlp_chunk_s)
+    return trips
+
+
 def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = Device()) -> List[Kernel]:
     """launch.forward/backward's launches for `p` (plan, grids and warps from launch.py itself):
     fused (one program per sample), streamed (one persistent kernel, where the split plan's
@@ -386,7 +406,7 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         bc, bl = plan.stream_block_c, plan.stream_block_l
         valid = (c / cdiv(c, bc)) * (l / cdiv(l, bl))  # elements of an average tile (14x14: 196 of 256 a row)
         tile_bytes = valid * e * (2 if back else 1)
-        trips = 1 + cdiv(c, plan.mlp_chunk_c) + 1 + cdiv(s.s, plan.mlp_chunk_s)
+        trips = _triton_gemm_trips(plan, c, s.s, cdiv(l, plan.stream_block_l), streamed=True)
         ks += streamed_kernels(p, dev, plan.stream, plan.grids[name][0], warps, resident, tile_bytes / warps,
                                tile_bytes, trips, cdiv(l, plan.stream_block_l))
     else:
@@ -410,11 +430,12 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         ks.append(Kernel(first[3:-7], plan.grids[first][0], w1,
                          res.triton_resident(first, dt, plan.mlp_chunk_c, None, plan.mlp_block_s, w1),
                          0.0, 0.0, n_blocks * s.s * c * e + s_blocks * n * plan.splits * c * acc + n * c * acc
-                         + first_extra, 1 + cdiv(c, plan.mlp_chunk_c)))
+                         + first_extra,
+                         _triton_gemm_trips(plan, c, s.s, plan.splits, False, first=True)))
         ks.append(Kernel(second[3:-7], plan.grids[second][0], w2,
                          res.triton_resident(second, dt, plan.mlp_block_c, None, plan.mlp_chunk_s, w2),
                          0.0, 0.0, n_blocks * s.s * c * e + c_blocks2 * n * s.s * acc + 2 * n * c * acc,
-                         1 + cdiv(s.s, plan.mlp_chunk_s)))
+                         _triton_gemm_trips(plan, c, s.s, plan.splits, False, second=True)))
         name = "se_grad_input_kernel" if back else "se_scale_kernel"
         warps = launch._warps(plan.block_c * plan.block_l)
         loads, hbm, l2 = second_pass(p, reread_l2)
@@ -854,12 +875,15 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "channel_sums, excite, weight_grads), so a warp has one tile in flight.",
     "Triton streamed plan: one 16-warp program per SM; a tile of launch.STREAM_TILE_BYTES (backward: of dy and x "
     "together), half that on 7x7 rows; bytes in flight = the tile's valid elements (padding excluded). Loops over "
-    "chunks that reduce across warps (the GEMM items) are not overlapped even when unrolled: in the SASS of an "
-    "unrolled copy (tl.range loop_unroll_factor=2, sm_80) the second chunk's LDGs come after the first's "
-    "reduction barriers, so the MLP chain is one L2 round trip per chunk (the unroll was not kept).",
+    "chunks that reduce across warps (the GEMM items) do not overlap by themselves (the SASS of a tl.range "
+    "loop_unroll_factor=2 copy, sm_80: the second chunk's LDGs after the first's reduction barriers), and Triton "
+    "converts a loaded weight tile to the product's layout right after its load (LDG, BAR, STS), so the GEMM "
+    "bodies load up to launch.STREAM_MLP_UNROLL chunks of each operand at once (split kernels: MLP_UNROLL), "
+    "activations before weights: one L2 round trip a step (_triton_gemm_trips).",
     "Triton MLP (split plan): se_hidden_kernel / se_logits_kernel (backward: se_dz1_kernel / se_dp_kernel), "
     "programs over (8-sample block, 16 hidden units) and (8-sample block, 32 channels); each reads its weight "
-    "rows once per sample block; one L2 round trip per chunk of the inner dimension. "
+    "rows once per sample block; one L2 round trip per step of launch.MLP_UNROLL chunks of the inner dimension "
+    "(chunk: launch.MLP_UNROLL of them) and per launch.MLP_SPLIT_ELEMENTS of further pixel splits' partials. "
     "Triton fused plans' excite: per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
     "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",

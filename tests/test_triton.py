@@ -402,6 +402,45 @@ def test_streamed_weight_grads_over_batch_chunks(monkeypatch):
         assert rel_err(g1[k], split[k]) < 1e-5, k
 
 
+@pytest.mark.parametrize("unroll, split_elements, split_block", [(4, 128, 1), (4, 512, 4), (2, 128, 2)])
+def test_mlp_steps_and_split_blocks(monkeypatch, unroll, split_elements, split_block):
+    """The MLP GEMMs with small products (launch.MLP_PRODUCT_ELEMENTS = 512) in steps of `unroll`
+    chunks of C (4 channels each: 40 channels, the last step partly past C) and of S (2 hidden
+    units each: 10), the partial sums' 5 pixel splits split_block at a time (the last block partly
+    past them); split plan (launch.MLP_UNROLL = unroll) and streamed plan (4 chunks a step): the
+    float64 reference's values, and the plans agree up to rounding."""
+    from se_kernels.triton import launch
+
+    monkeypatch.setattr(launch, "FUSED_FORWARD_ELEMENTS", 0)
+    monkeypatch.setattr(launch, "FUSED_BACKWARD_ELEMENTS", 0)
+    monkeypatch.setattr(launch, "MLP_PRODUCT_ELEMENTS", 512)
+    monkeypatch.setattr(launch, "MLP_UNROLL", unroll)
+    monkeypatch.setattr(launch, "MLP_SPLIT_ELEMENTS", split_elements)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)  # pixel splits in the interpreter too
+    case = Case((5, 40, 24, 24), 10, "silu", "sigmoid", True, True, "relu", False)
+    for backward in (False, True):
+        p = launch.Plan(launch.Geometry(torch.empty(case.shape, device="meta"), 10, out_relu=True),
+                        backward=backward, sm_count=132)
+        assert (p.mlp_unroll_c, p.mlp_chunk_c, p.mlp_unroll_s, p.mlp_chunk_s) == (unroll, 4, unroll, 2)
+        assert (p.splits, p.mlp_split_block) == (5, split_block)
+    seed = fresh_seed()
+    names = _launched(monkeypatch)
+    check(case, torch.float32, seed)
+    assert "se_hidden_kernel" in names and "se_dz1_kernel" in names, names
+    inputs = to_device(make_inputs(case, torch.float32, seed))
+    dy = torch.randn(case.shape, device=DEVICE)
+    split = run(fused_se, inputs, dy, case, backend="triton")
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(4 * stream_kept_bytes(case, torch.float32)))
+    del names[:]
+    check(case, torch.float32, seed)
+    assert "se_streamed_forward_kernel" in names and "se_streamed_backward_kernel" in names, names
+    streamed = run(fused_se, inputs, dy, case, backend="triton")
+    assert rel_err(streamed[0], split[0]) < 1e-5
+    for k in GRAD_NAMES:
+        if inputs[k] is not None:
+            assert rel_err(streamed[1][k], split[1][k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_streamed_plan_dtypes(monkeypatch, dtype):
     case = STREAM_CASES[0]

@@ -414,15 +414,73 @@ def _sample_block(N, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr):
 
 
 @triton.jit
-def _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_C: tl.constexpr, SHARED: tl.constexpr = ""):
-    """[BLOCK_N, BLOCK_C] sums over the pixel splits of the (N, SPLITS, C) partials, in order
-    (SHARED: their loads' cache modifier, ".cg" where this kernel's other programs wrote them)."""
-    total = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-    for split in range(0, SPLITS):
-        total += tl.load(partial_ptr + (n[:, None] * SPLITS + split) * C + c[None, :], mask=nc_ok, other=0.0,
-                         cache_modifier=SHARED)
+def _split_sums_first(partial_ptr, n, c, nc_ok, C, SPLITS, SHARED: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """The first SPLIT_BLOCK pixel splits of the (N, SPLITS, C) partials for samples n and channels
+    c, [BLOCK_N, SPLIT_BLOCK, len(c)], zeros past SPLITS: loaded before the caller's weights, whose
+    conversion to the product's layout is the first thing to wait, so both arrive in that one L2
+    round trip (SHARED: their cache modifier, ".cg" where this kernel's other programs wrote them)."""
+    split = tl.arange(0, SPLIT_BLOCK)
+    return tl.load(partial_ptr + (n[:, None, None] * SPLITS + split[None, :, None]) * C + c[None, None, :],
+                   mask=nc_ok[:, None, :] & (split < SPLITS)[None, :, None], other=0.0, cache_modifier=SHARED)
+
+
+@triton.jit
+def _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """The sums over the pixel splits: `first`'s, then SPLIT_BLOCK further splits per load (one L2
+    round trip each), block by block in order."""
+    total = tl.sum(first, axis=1)
+    for s0 in range(SPLIT_BLOCK, SPLITS, SPLIT_BLOCK):
+        split = s0 + tl.arange(0, SPLIT_BLOCK)
+        total += tl.sum(tl.load(partial_ptr + (n[:, None, None] * SPLITS + split[None, :, None]) * C
+                                + c[None, None, :], mask=nc_ok[:, None, :] & (split < SPLITS)[None, :, None],
+                                other=0.0, cache_modifier=SHARED), axis=1)
     return total
+
+
+@triton.jit
+def _chunks(t, R: tl.constexpr, K: tl.constexpr, UNROLL: tl.constexpr):
+    """The UNROLL (1, 2 or 4) [R, K] chunks of an [R, UNROLL * K] tile, in column order (past
+    UNROLL, repeats of the first ones, unused)."""
+    if UNROLL == 4:
+        h = tl.permute(tl.reshape(t, [R, 2, 2, K]), (0, 3, 1, 2))  # [R, K, hi, lo]: chunk 2 * hi + lo
+        lo0, lo1 = tl.split(h)
+        a, c = tl.split(lo0)
+        b, d = tl.split(lo1)
+    elif UNROLL == 2:
+        a, b = tl.split(tl.permute(tl.reshape(t, [R, 2, K]), (0, 2, 1)))
+        c = a
+        d = b
+    else:
+        a = t
+        b = t
+        c = t
+        d = t
+    return a, b, c, d
+
+
+@triton.jit
+def _add_chunk_products(acc, xa, xb, xc, xd, wa, wb, wc, wd, UNROLL: tl.constexpr):
+    """acc + the first UNROLL chunks' products x w^T ([BLOCK_N, K] x [R, K] -> [BLOCK_N, R]), added
+    chunk by chunk in order."""
+    acc += tl.sum(xa[:, None, :] * wa[None, :, :], axis=2)
+    if UNROLL >= 2:
+        acc += tl.sum(xb[:, None, :] * wb[None, :, :], axis=2)
+    if UNROLL == 4:
+        acc += tl.sum(xc[:, None, :] * wc[None, :, :], axis=2)
+        acc += tl.sum(xd[:, None, :] * wd[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _matrix_tile(ptr, r, r_ok, k, K, STRIDE, ACC: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """[len(r), len(k)] tile, zeros outside, in ACC, of a row-major matrix of rows STRIDE apart:
+    element (r, k) at r * STRIDE + k, k < K (TRANSPOSED: at k * STRIDE + r, the transpose of a
+    (K, STRIDE) matrix)."""
+    if TRANSPOSED:
+        offsets = k[None, :] * STRIDE + r[:, None]
+    else:
+        offsets = r[:, None] * STRIDE + k[None, :]
+    return tl.load(ptr + offsets, mask=r_ok[:, None] & (k < K)[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
@@ -432,7 +490,8 @@ def se_hidden_kernel(
     pooled_ptr, hidden_ptr,  # (N, C), (N, S) in ACC
     N, C, S, L, SPLITS,
     HAS_B1: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
     """The split plan's first GEMM over a block of samples: pooled = sum(partials) / L and
     hidden = pooled W1^T + b1 for BLOCK_N samples x BLOCK_S hidden units, so each W1 row is read
@@ -440,25 +499,31 @@ def se_hidden_kernel(
     blocks fastest; the S block 0 programs store pooled."""
     n, s, pid_s = _sample_block(N, BLOCK_N, BLOCK_S)
     _hidden_body(n, n < N, s, pid_s, partial_ptr, w1_ptr, b1_ptr, pooled_ptr, hidden_ptr, C, S, L, SPLITS,
-                 HAS_B1, ACC, BLOCK_N, BLOCK_S, BLOCK_C)
+                 HAS_B1, ACC, BLOCK_N, BLOCK_S, BLOCK_C, "", UNROLL, SPLIT_BLOCK)
 
 
 @triton.jit
 def _hidden_body(n, n_ok, s, pid_s, partial_ptr, w1_ptr, b1_ptr, pooled_ptr, hidden_ptr, C, S, L, SPLITS,
                  HAS_B1: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_C: tl.constexpr, SHARED: tl.constexpr = ""):
-    """se_hidden_kernel's work for samples n (n_ok: which are) and hidden units s of block pid_s."""
+                 BLOCK_C: tl.constexpr, SHARED: tl.constexpr, UNROLL: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """se_hidden_kernel's work for samples n (n_ok: which are) and hidden units s of block pid_s.
+    UNROLL (launch.py: up to 4) chunks of the inner dimension a step (chunks past it are zeros), each
+    operand's chunks in one load, the activations' loads before the weights': a reduction's barriers
+    hold back the loads after it, and Triton converts a loaded tile to the product's layout
+    (through shared memory, between barriers) right after its load, so that conversion is the
+    step's first wait and a step is one L2 round trip (the first GEMMs: plus one per further
+    SPLIT_BLOCK pixel splits). The chunks are then added in order."""
     s_ok = s < S
     acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        nc_ok = n_ok[:, None] & c_ok[None, :]
-        p = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C, SHARED)
-        p = p / L
+    for c0 in range(0, C, UNROLL * BLOCK_C):
+        c = c0 + tl.arange(0, UNROLL * BLOCK_C)
+        nc_ok = n_ok[:, None] & (c < C)[None, :]
+        first = _split_sums_first(partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK)
+        wa, wb, wc, wd = _chunks(_matrix_tile(w1_ptr, s, s_ok, c, C, C, ACC), BLOCK_S, BLOCK_C, UNROLL)
+        p = _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK).to(ACC) / L
         tl.store(pooled_ptr + n[:, None] * C + c[None, :], p, mask=nc_ok & (pid_s == 0))
-        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-        acc += tl.sum(p[:, None, :] * w1[None, :, :], axis=2)
+        pa, pb, pc, pd = _chunks(p, BLOCK_N, BLOCK_C, UNROLL)
+        acc = _add_chunk_products(acc, pa, pb, pc, pd, wa, wb, wc, wd, UNROLL)
     if HAS_B1:
         acc += tl.load(b1_ptr + s, mask=s_ok, other=0.0).to(ACC)[None, :]
     tl.store(hidden_ptr + n[:, None] * S + s[None, :], acc, mask=n_ok[:, None] & s_ok[None, :])
@@ -471,31 +536,31 @@ def se_logits_kernel(
     logits_ptr, gates_ptr,  # (N, C), (N, C) in ACC
     N, C, S,
     ACT: tl.constexpr, GATE: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """The split plan's second GEMM: logits = act(hidden) W2^T + b2 and the gates for BLOCK_N
     samples x BLOCK_C channels (each W2 row read once per BLOCK_N samples). 1-D grid over (C
     blocks, N blocks), N blocks fastest."""
     n, c, _ = _sample_block(N, BLOCK_N, BLOCK_C)
     _logits_body(n, n < N, c, hidden_ptr, w2_ptr, b2_ptr, logits_ptr, gates_ptr, C, S, ACT, GATE, HAS_B2, ACC,
-                 BLOCK_N, BLOCK_C, BLOCK_S)
+                 BLOCK_N, BLOCK_C, BLOCK_S, "", UNROLL)
 
 
 @triton.jit
 def _logits_body(n, n_ok, c, hidden_ptr, w2_ptr, b2_ptr, logits_ptr, gates_ptr, C, S, ACT: tl.constexpr,
                  GATE: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SHARED: tl.constexpr = ""):
-    """se_logits_kernel's work for samples n (n_ok: which are) and channels c."""
+                 BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SHARED: tl.constexpr, UNROLL: tl.constexpr):
+    """se_logits_kernel's work for samples n (n_ok: which are) and channels c; UNROLL chunks of S a
+    step, as _hidden_body."""
     c_ok = c < C
     acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < S
-        u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0,
+    for s0 in range(0, S, UNROLL * BLOCK_S):
+        s = s0 + tl.arange(0, UNROLL * BLOCK_S)
+        u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & (s < S)[None, :], other=0.0,
                      cache_modifier=SHARED)
-        z = tl.where(s_ok[None, :], _activation(u1, ACT), 0.0)
-        w2 = tl.load(w2_ptr + c[:, None] * S + s[None, :], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
-        acc += tl.sum(z[:, None, :] * w2[None, :, :], axis=2)
+        wa, wb, wc, wd = _chunks(_matrix_tile(w2_ptr, c, c_ok, s, S, S, ACC), BLOCK_C, BLOCK_S, UNROLL)
+        za, zb, zc, zd = _chunks(tl.where((s < S)[None, :], _activation(u1, ACT), 0.0), BLOCK_N, BLOCK_S, UNROLL)
+        acc = _add_chunk_products(acc, za, zb, zc, zd, wa, wb, wc, wd, UNROLL)
     if HAS_B2:
         acc += tl.load(b2_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
     out = n[:, None] * C + c[None, :]
@@ -573,7 +638,8 @@ def se_dz1_kernel(
     dz1_ptr, dz2_ptr, gates_ptr,  # (N, S), (N, C), (N, C) in ACC
     N, C, S, SPLITS,
     ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
 ):
     """The split plan's backward first GEMM over a block of samples: dz2 = dg * gate'(logits)
     (and the gates; stored by the S block 0 programs), dz1 = (dz2 W2) * act'(hidden) for BLOCK_N
@@ -582,29 +648,33 @@ def se_dz1_kernel(
     spilled 4 B on sm_90). 1-D grid, N blocks fastest."""
     n, s, pid_s = _sample_block(N, BLOCK_N, BLOCK_S)
     _dz1_body(n, n < N, s, pid_s, partial_ptr, w2_ptr, hidden_ptr, logits_ptr, dz1_ptr, dz2_ptr, gates_ptr, C, S,
-              SPLITS, ACT, GATE, ACC, BLOCK_N, BLOCK_S, BLOCK_C)
+              SPLITS, ACT, GATE, ACC, BLOCK_N, BLOCK_S, BLOCK_C, "", UNROLL, SPLIT_BLOCK)
 
 
 @triton.jit
 def _dz1_body(n, n_ok, s, pid_s, partial_ptr, w2_ptr, hidden_ptr, logits_ptr, dz1_ptr, dz2_ptr, gates_ptr, C, S,
               SPLITS, ACT: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SHARED: tl.constexpr = ""):
-    """se_dz1_kernel's work for samples n (n_ok: which are) and hidden units s of block pid_s."""
+              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SHARED: tl.constexpr, UNROLL: tl.constexpr,
+              SPLIT_BLOCK: tl.constexpr):
+    """se_dz1_kernel's work for samples n (n_ok: which are) and hidden units s of block pid_s;
+    UNROLL chunks of C a step, as _hidden_body."""
     s_ok = s < S
     acc = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        nc_ok = n_ok[:, None] & c_ok[None, :]
-        dg = _split_sums(partial_ptr, n, c, nc_ok, C, SPLITS, ACC, BLOCK_N, BLOCK_C, SHARED)
+    for c0 in range(0, C, UNROLL * BLOCK_C):
+        c = c0 + tl.arange(0, UNROLL * BLOCK_C)
+        nc_ok = n_ok[:, None] & (c < C)[None, :]
+        first = _split_sums_first(partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK)
         u2 = tl.load(logits_ptr + n[:, None] * C + c[None, :], mask=nc_ok, other=0.0)
+        wa, wb, wc, wd = _chunks(_matrix_tile(w2_ptr, s, s_ok, c, C, S, ACC, TRANSPOSED=True), BLOCK_S, BLOCK_C,
+                                 UNROLL)
+        dg = _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK).to(ACC)
         g = _gate(u2, GATE)
         dz2 = tl.where(nc_ok, dg * _gate_grad(u2, g, GATE), 0.0)
-        first = nc_ok & (pid_s == 0)
-        tl.store(dz2_ptr + n[:, None] * C + c[None, :], dz2, mask=first)
-        tl.store(gates_ptr + n[:, None] * C + c[None, :], g, mask=first)
-        w2t = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-        acc += tl.sum(dz2[:, None, :] * w2t[None, :, :], axis=2)
+        firsts = nc_ok & (pid_s == 0)
+        tl.store(dz2_ptr + n[:, None] * C + c[None, :], dz2, mask=firsts)
+        tl.store(gates_ptr + n[:, None] * C + c[None, :], g, mask=firsts)
+        da, db, dc, dd = _chunks(dz2, BLOCK_N, BLOCK_C, UNROLL)
+        acc = _add_chunk_products(acc, da, db, dc, dd, wa, wb, wc, wd, UNROLL)
     ns_ok = n_ok[:, None] & s_ok[None, :]
     u1 = tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=ns_ok, other=0.0)
     tl.store(dz1_ptr + n[:, None] * S + s[None, :], tl.where(ns_ok, acc * _activation_grad(u1, ACT), 0.0),
@@ -618,27 +688,30 @@ def se_dp_kernel(
     dp_ptr,  # (N, C) in ACC
     N, C, S, L,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """The split plan's backward second GEMM: dp = (dz1 W1) / L, the gradient reaching each
     pooled value, for BLOCK_N samples x BLOCK_C channels; W1 read as [BLOCK_C, BLOCK_S] tiles
     (W1^T), the product reduced along its last axis. 1-D grid, N blocks fastest."""
     n, c, _ = _sample_block(N, BLOCK_N, BLOCK_C)
-    _dp_body(n, n < N, c, dz1_ptr, w1_ptr, dp_ptr, C, S, L, ACC, BLOCK_N, BLOCK_C, BLOCK_S)
+    _dp_body(n, n < N, c, dz1_ptr, w1_ptr, dp_ptr, C, S, L, ACC, BLOCK_N, BLOCK_C, BLOCK_S, "", UNROLL)
 
 
 @triton.jit
 def _dp_body(n, n_ok, c, dz1_ptr, w1_ptr, dp_ptr, C, S, L, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SHARED: tl.constexpr = ""):
-    """se_dp_kernel's work for samples n (n_ok: which are) and channels c."""
+             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SHARED: tl.constexpr, UNROLL: tl.constexpr):
+    """se_dp_kernel's work for samples n (n_ok: which are) and channels c; UNROLL chunks of S a step,
+    as _hidden_body."""
     c_ok = c < C
     acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = s < S
-        dz1 = tl.load(dz1_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & s_ok[None, :], other=0.0,
+    for s0 in range(0, S, UNROLL * BLOCK_S):
+        s = s0 + tl.arange(0, UNROLL * BLOCK_S)
+        dz1 = tl.load(dz1_ptr + n[:, None] * S + s[None, :], mask=n_ok[:, None] & (s < S)[None, :], other=0.0,
                       cache_modifier=SHARED)
-        w1t = tl.load(w1_ptr + s[None, :] * C + c[:, None], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(ACC)
-        acc += tl.sum(dz1[:, None, :] * w1t[None, :, :], axis=2)
+        wa, wb, wc, wd = _chunks(_matrix_tile(w1_ptr, c, c_ok, s, S, C, ACC, TRANSPOSED=True), BLOCK_C, BLOCK_S,
+                                 UNROLL)
+        da, db, dc, dd = _chunks(dz1, BLOCK_N, BLOCK_S, UNROLL)
+        acc = _add_chunk_products(acc, da, db, dc, dd, wa, wb, wc, wd, UNROLL)
     tl.store(dp_ptr + n[:, None] * C + c[None, :], acc / L, mask=n_ok[:, None] & c_ok[None, :])
 
 
@@ -952,7 +1025,8 @@ def se_streamed_forward_kernel(
     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
-    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr,
+    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr, MLP_UNROLL_C: tl.constexpr,
+    MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr,
 ):
     """The forward's streamed plan: channel sums -> hidden -> logits and gates -> scale, per group."""
     c_blocks = tl.cdiv(C, BLOCK_C)
@@ -973,12 +1047,12 @@ def se_streamed_forward_kernel(
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _hidden_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w1_ptr,
                              b1_ptr, pooled_ptr, hidden_ptr, C, S, L, SPLITS, HAS_B1, ACC, MLP_BLOCK_N, MLP_BLOCK_S,
-                             MLP_CHUNK_C, ".cg")
+                             MLP_CHUNK_C, ".cg", MLP_UNROLL_C, MLP_SPLIT_BLOCK)
             elif stage == 2:
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _logits_body(n, n < n1, index * MLP_BLOCK_C + tl.arange(0, MLP_BLOCK_C), hidden_ptr, w2_ptr, b2_ptr,
                              logits_ptr, gates_ptr, C, S, ACT, GATE, HAS_B2, ACC, MLP_BLOCK_N, MLP_BLOCK_C,
-                             MLP_CHUNK_S, ".cg")
+                             MLP_CHUNK_S, ".cg", MLP_UNROLL_S)
             else:
                 tile = n1 * tiles_per_sample - 1 - index
                 if tile >= n0 * tiles_per_sample:
@@ -1004,7 +1078,8 @@ def se_streamed_backward_kernel(
     NEED_DRES: tl.constexpr, PIXEL_ROWS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
-    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr,
+    MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr, MLP_UNROLL_C: tl.constexpr,
+    MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr,
 ):
     """The backward's streamed plan: sums of dy' * x -> dz1 (dz2, gates) -> dp -> grad_input, per
     group; the weight gradients follow as in the split plan."""
@@ -1026,11 +1101,11 @@ def se_streamed_backward_kernel(
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _dz1_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w2_ptr,
                           hidden_ptr, logits_ptr, dz1_ptr, dz2_ptr, gates_ptr, C, S, SPLITS, ACT, GATE, ACC,
-                          MLP_BLOCK_N, MLP_BLOCK_S, MLP_CHUNK_C, ".cg")
+                          MLP_BLOCK_N, MLP_BLOCK_S, MLP_CHUNK_C, ".cg", MLP_UNROLL_C, MLP_SPLIT_BLOCK)
             elif stage == 2:
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _dp_body(n, n < n1, index * MLP_BLOCK_C + tl.arange(0, MLP_BLOCK_C), dz1_ptr, w1_ptr, dp_ptr, C, S,
-                         L, ACC, MLP_BLOCK_N, MLP_BLOCK_C, MLP_CHUNK_S, ".cg")
+                         L, ACC, MLP_BLOCK_N, MLP_BLOCK_C, MLP_CHUNK_S, ".cg", MLP_UNROLL_S)
             else:
                 tile = n1 * tiles_per_sample - 1 - index
                 if tile >= n0 * tiles_per_sample:

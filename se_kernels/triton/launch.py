@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -28,6 +28,13 @@ TILE_ELEMENTS = 4096  # tile of the split plan's elementwise and reduction kerne
 MLP_TILE_ELEMENTS = 8192  # [BLOCK_S, BLOCK_C] weight tiles of the fused plans' per-sample MLP
 MLP_BLOCK_N = 8  # samples per program of the split plans' MLP GEMMs (each weight read N / 8 times)
 MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
+# per step of those GEMMs: chunks of the inner dimension (kernels.py: 1, 2 or 4) and elements of the
+# pixel-split partials ([BLOCK_N, splits, chunks]) one load takes. The split kernels keep one chunk a
+# step (4 spilled 16 B in float32 se_hidden_kernel, sm_90); the streamed kernels take 4 (forward) / 2
+# (backward) chunks and 4096 / 2048 partials' elements (4 chunks and 8192 spilled 4-44 B in 15
+# variants, sm_80; 4 chunks and 2048 in the backward, 4-12 B in 3)
+MLP_UNROLL, MLP_SPLIT_ELEMENTS = 1, 1024
+STREAM_MLP_UNROLL, STREAM_SPLIT_ELEMENTS = (4, 2), (4096, 2048)
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
 WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (se_weight_grads_kernel; added in order)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
@@ -193,6 +200,10 @@ class Plan:
         self.mlp_chunk_s = max(1, min(_pow2(g.S), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_c)))
         # warps of the two GEMMs: 8 for full 4096-element products, 4 for smaller ones (small C or
         # N); either way at most 16 product elements a thread
+        # per step, MLP_UNROLL chunks (fewer where the inner dimension is shorter), each operand's in
+        # one load; the pixel splits' partial sums SPLIT_BLOCK at a time (kernels.py _hidden_body)
+        self.mlp_unroll_c, self.mlp_unroll_s = self._unrolls(g, MLP_UNROLL)
+        self.mlp_split_block = self._split_block(self.splits, self.mlp_unroll_c, MLP_SPLIT_ELEMENTS)
         self.mlp_warps = tuple(_warps(self.mlp_block_n * a * b) for a, b in
                                ((self.mlp_block_s, self.mlp_chunk_c), (self.mlp_block_c, self.mlp_chunk_s)))
         self.wgrad_block_c = min(_pow2(g.C), 64)
@@ -225,6 +236,15 @@ class Plan:
             if grid[0] > GRID_X_MAX:
                 raise ValueError(f"se_kernels: {name} would need {grid[0]} programs, over CUDA's grid limit")
 
+    def _unrolls(self, g: Geometry, most: int) -> Tuple[int, int]:
+        """Chunks a step of the GEMMs over C and over S: `most`, fewer where C or S is shorter."""
+        return (min(most, _pow2(triton.cdiv(g.C, self.mlp_chunk_c))),
+                min(most, _pow2(triton.cdiv(g.S, self.mlp_chunk_s))))
+
+    def _split_block(self, splits: int, unroll_c: int, elements: int) -> int:
+        """Pixel splits of the partial sums per load in the first GEMM (a power of two)."""
+        return max(1, min(_pow2(splits), elements // (self.mlp_block_n * unroll_c * self.mlp_chunk_c)))
+
     def _stream(self, g: Geometry, backward: bool, budget: int, elem: int, tensors: int) -> Optional[dict]:
         """The streamed schedule, or None: each channel-sum and element-wise item one tile, the
         MLP items the split plan's programs over the group's samples (at most mlp_block_n). Kept in
@@ -250,6 +270,9 @@ class Plan:
         else:  # long rows: the tile of `elements` (or fewer) that pads the sample least
             block_c, block_l = _least_padded(g, elements, block_c, block_l)
         self.stream_block_c, self.stream_block_l = block_c, block_l
+        self.stream_unroll_c, self.stream_unroll_s = self._unrolls(g, STREAM_MLP_UNROLL[backward])
+        self.stream_split_block = self._split_block(triton.cdiv(g.L, block_l), self.stream_unroll_c,
+                                                    STREAM_SPLIT_ELEMENTS[backward])
         tiles = triton.cdiv(g.C, self.stream_block_c) * triton.cdiv(g.L, self.stream_block_l)
         sched = stream_schedule(g.N, x + mask, budget, tiles, triton.cdiv(g.S, self.mlp_block_s),
                                 triton.cdiv(g.C, self.mlp_block_c), tiles)
@@ -340,7 +363,8 @@ def _stream_blocks(g: Geometry, plan: Plan) -> dict:
     return dict(BLOCK_C=plan.stream_block_c, BLOCK_L=plan.stream_block_l, WIDE=g.wide, ALIGN=plan.stream_align,
                 MLP_BLOCK_N=plan.mlp_block_n,
                 MLP_BLOCK_S=plan.mlp_block_s, MLP_CHUNK_C=plan.mlp_chunk_c, MLP_BLOCK_C=plan.mlp_block_c,
-                MLP_CHUNK_S=plan.mlp_chunk_s)
+                MLP_CHUNK_S=plan.mlp_chunk_s, MLP_UNROLL_C=plan.stream_unroll_c, MLP_UNROLL_S=plan.stream_unroll_s,
+                MLP_SPLIT_BLOCK=plan.stream_split_block)
 
 
 # Set by se_kernels/triton/op.py: launch through torch.library.wrap_triton (the ops are
@@ -403,12 +427,13 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
         _k(kernels.se_hidden_kernel)[plan.grids["se_hidden_kernel"]](
             partial, w1, b1_arg, pooled, hidden, g.N, g.C, g.S, g.L, plan.splits,
             HAS_B1=b1 is not None, ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_S=plan.mlp_block_s,
-            BLOCK_C=plan.mlp_chunk_c, num_warps=plan.mlp_warps[0],
+            BLOCK_C=plan.mlp_chunk_c, UNROLL=plan.mlp_unroll_c, SPLIT_BLOCK=plan.mlp_split_block,
+            num_warps=plan.mlp_warps[0],
         )
         _k(kernels.se_logits_kernel)[plan.grids["se_logits_kernel"]](
             hidden, w2, b2_arg, logits, gates, g.N, g.C, g.S,
             ACT=ACTIVATION_CODES[activation], GATE=GATE_CODES[gate], HAS_B2=b2 is not None, ACC=g.acc,
-            BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s,
+            BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s, UNROLL=plan.mlp_unroll_s,
             num_warps=plan.mlp_warps[1],
         )
         _k(kernels.se_scale_kernel)[plan.grids["se_scale_kernel"]](
@@ -470,12 +495,13 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             _k(kernels.se_dz1_kernel)[plan.grids["se_dz1_kernel"]](
                 partial, w2, hidden, gate_logits, dz1, dz2, gates, g.N, g.C, g.S, plan.splits,
                 ACT=act, GATE=GATE_CODES[gate], ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_S=plan.mlp_block_s,
-                BLOCK_C=plan.mlp_chunk_c, num_warps=plan.mlp_warps[0],
+                BLOCK_C=plan.mlp_chunk_c, UNROLL=plan.mlp_unroll_c, SPLIT_BLOCK=plan.mlp_split_block,
+                num_warps=plan.mlp_warps[0],
             )
             _k(kernels.se_dp_kernel)[plan.grids["se_dp_kernel"]](
                 dz1, w1, dp, g.N, g.C, g.S, g.L,
                 ACC=g.acc, BLOCK_N=plan.mlp_block_n, BLOCK_C=plan.mlp_block_c, BLOCK_S=plan.mlp_chunk_s,
-                num_warps=plan.mlp_warps[1],
+                UNROLL=plan.mlp_unroll_s, num_warps=plan.mlp_warps[1],
             )
             if need_grad_x or need_dres:
                 _k(kernels.se_grad_input_kernel)[plan.grids["se_grad_input_kernel"]](
