@@ -353,24 +353,18 @@ def _triton_mlp(g, elem: int) -> Tuple[float, int]:
     return w1 + w2, iters
 
 
-def _triton_gemm_trips(plan, c: int, sq: int, splits: int, streamed: bool, first: bool = False,
-                       second: bool = False) -> int:
-    """Dependent L2 round trips of the MLP GEMMs (kernels.py _hidden_body / _logits_body, backward
-    _dz1_body / _dp_body): the plan's unroll (split kernels: plan.mlp_unroll_c / _s; streamed:
-    plan.stream_unroll_c / _s) chunks of the inner dimension a step, each
-    operand's chunks in one load, the activations' (the first GEMM: the first split_block pixel
-    splits' partials) before the weights', whose layout conversion is the step's first wait: one
-    round trip a step, plus one per further split_block splits; one more each for the loads after
-    the loop (bias; backward: hidden). Both GEMMs (first=second=False), or one."""
-    both = not (first or second)
+def _triton_gemm_trips(plan, c: int, sq: int, splits: int, streamed: bool) -> Tuple[int, int]:
+    """Dependent L2 round trips of the two MLP GEMMs (kernels.py _hidden_body / _logits_body,
+    backward _dz1_body / _dp_body): the plan's unroll (split kernels: plan.mlp_unroll_c / _s;
+    streamed: plan.stream_unroll_c / _s) chunks of the inner dimension a step, each operand's
+    chunks in one load, the activations' (the first GEMM: the first split block of pixel splits'
+    partials) before the weights', whose layout conversion is the step's first wait: one round
+    trip a step, plus one per further split block; one more each for the loads after the loop
+    (bias; backward: hidden)."""
     unroll_c, unroll_s, split_block = ((plan.stream_unroll_c, plan.stream_unroll_s, plan.stream_split_block)
                                        if streamed else (plan.mlp_unroll_c, plan.mlp_unroll_s, plan.mlp_split_block))
-    trips = 0
-    if first or both:
-        trips += 1 + cdiv(c, unroll_c * plan.mlp_chunk_c) * cdiv(max(1, splits), split_block)
-    if second or both:
-        trips += 1 + cdiv(sq, unroll_s * plan.mlp_chunk_s)
-    return trips
+    return (1 + cdiv(c, unroll_c * plan.mlp_chunk_c) * cdiv(max(1, splits), split_block),
+            1 + cdiv(sq, unroll_s * plan.mlp_chunk_s))
 
 
 def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = Device()) -> List[Kernel]:
@@ -406,7 +400,7 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         bc, bl = plan.stream_block_c, plan.stream_block_l
         valid = (c / cdiv(c, bc)) * (l / cdiv(l, bl))  # elements of an average tile (14x14: 196 of 256 a row)
         tile_bytes = valid * e * (2 if back else 1)
-        trips = _triton_gemm_trips(plan, c, s.s, cdiv(l, plan.stream_block_l), streamed=True)
+        trips = sum(_triton_gemm_trips(plan, c, s.s, cdiv(l, plan.stream_block_l), streamed=True))
         ks += streamed_kernels(p, dev, plan.stream, plan.grids[name][0], warps, resident, tile_bytes / warps,
                                tile_bytes, trips, cdiv(l, plan.stream_block_l))
     else:
@@ -427,15 +421,15 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         first, second = ("se_dz1_kernel", "se_dp_kernel") if back else ("se_hidden_kernel", "se_logits_kernel")
         w1, w2 = plan.mlp_warps
         first_extra = n * c * acc * (2 if back else 0)  # backward: logits read, dz2 and gates written
+        first_trips, second_trips = _triton_gemm_trips(plan, c, s.s, plan.splits, streamed=False)
         ks.append(Kernel(first[3:-7], plan.grids[first][0], w1,
                          res.triton_resident(first, dt, plan.mlp_chunk_c, None, plan.mlp_block_s, w1),
                          0.0, 0.0, n_blocks * s.s * c * e + s_blocks * n * plan.splits * c * acc + n * c * acc
-                         + first_extra,
-                         _triton_gemm_trips(plan, c, s.s, plan.splits, False, first=True)))
+                         + first_extra, first_trips))
         ks.append(Kernel(second[3:-7], plan.grids[second][0], w2,
                          res.triton_resident(second, dt, plan.mlp_block_c, None, plan.mlp_chunk_s, w2),
                          0.0, 0.0, n_blocks * s.s * c * e + c_blocks2 * n * s.s * acc + 2 * n * c * acc,
-                         _triton_gemm_trips(plan, c, s.s, plan.splits, False, second=True)))
+                         second_trips))
         name = "se_grad_input_kernel" if back else "se_scale_kernel"
         warps = launch._warps(plan.block_c * plan.block_l)
         loads, hbm, l2 = second_pass(p, reread_l2)

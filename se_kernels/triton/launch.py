@@ -36,7 +36,7 @@ MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
 MLP_UNROLL, MLP_SPLIT_ELEMENTS = 1, 1024
 STREAM_MLP_UNROLL, STREAM_SPLIT_ELEMENTS = (4, 2), (4096, 2048)
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
-WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (se_weight_grads_kernel; added in order)
+WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (then added in order)
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 STREAM_MIN_LAG, STREAM_MAX_GROUP = 3, 8  # csrc/cuda/se_stream.h kMinLag, kMaxGroup
 STREAM_BUDGET_ENV = "SE_KERNELS_STREAM_BUDGET"  # bytes of L2 the streamed plans count on (0: never stream)
@@ -198,12 +198,12 @@ class Plan:
         self.mlp_chunk_c = max(1, min(_pow2(g.C), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_s)))
         self.mlp_block_c = min(_pow2(g.C), 32)
         self.mlp_chunk_s = max(1, min(_pow2(g.S), MLP_PRODUCT_ELEMENTS // (self.mlp_block_n * self.mlp_block_c)))
-        # warps of the two GEMMs: 8 for full 4096-element products, 4 for smaller ones (small C or
-        # N); either way at most 16 product elements a thread
         # per step, MLP_UNROLL chunks (fewer where the inner dimension is shorter), each operand's in
         # one load; the pixel splits' partial sums SPLIT_BLOCK at a time (kernels.py _hidden_body)
         self.mlp_unroll_c, self.mlp_unroll_s = self._unrolls(g, MLP_UNROLL)
         self.mlp_split_block = self._split_block(self.splits, self.mlp_unroll_c, MLP_SPLIT_ELEMENTS)
+        # warps of the two GEMMs: 8 for full 4096-element products, 4 for smaller ones (small C or
+        # N); either way at most 16 product elements a thread
         self.mlp_warps = tuple(_warps(self.mlp_block_n * a * b) for a, b in
                                ((self.mlp_block_s, self.mlp_chunk_c), (self.mlp_block_c, self.mlp_chunk_s)))
         self.wgrad_block_c = min(_pow2(g.C), 64)
