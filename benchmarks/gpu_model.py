@@ -436,7 +436,7 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         ks.append(Kernel(name[3:-7], plan.grids[name][0], warps,
                          res.triton_resident(name, dt, plan.block_c, plan.block_l, None, warps),
                          loads / p.numel * tile / warps, hbm, l2 + 2 * n * c * acc))
-    if back:  # steps of WGRAD_UNROLL samples of its chunk, their loads in flight together: one L2 round trip a step
+    if back:  # steps of plan.wgrad_step samples of its chunk, their loads in flight together: one L2 round trip a step
         bc, bs = plan.wgrad_block_c, plan.wgrad_block_s
         programs = plan.grids["se_weight_grads_kernel"][0]
         per_program = programs // plan.wgrad_chunks  # programs of one chunk
@@ -448,7 +448,7 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
                          per_program * n * 2 * (bc + bs) * acc
                          + (outputs * acc * chunks if chunks > 1 else 2 * s.s * c * e)
                          + (chunks * outputs * acc + outputs * e if here else 0),
-                         cdiv(plan.wgrad_per_chunk, launch.WGRAD_UNROLL),
+                         cdiv(plan.wgrad_per_chunk, plan.wgrad_step),
                          # in-kernel sums: the last program of a tile adds the chunks after its atomic
                          tail=(1 + chunks) if here else 0.0))
         if chunks > 1 and not here:  # the chunks added in order: one L2 round trip a chunk
@@ -868,7 +868,9 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "LDG.128s precede the math); loops are not software-pipelined (no async copies in the cached TTGIR of "
     "channel_sums, excite, weight_grads), so a warp has one tile in flight.",
     "Triton streamed plan: one 16-warp program per SM; a tile of launch.STREAM_TILE_BYTES (backward: of dy and x "
-    "together), half that on 7x7 rows; bytes in flight = the tile's valid elements (padding excluded). Loops over "
+    "together); 7x7 rows (49 pixels: no 8-byte accesses) flat tiles of launch.STREAM_FLAT_ELEMENTS, 16-byte accesses, "
+    "their tl.gather steps through shared memory not counted (at most ~14 B an element against 128 B/clock/SM); "
+    "bytes in flight = the tile's valid elements (padding excluded). Loops over "
     "chunks that reduce across warps (the GEMM items) do not overlap by themselves (the SASS of a tl.range "
     "loop_unroll_factor=2 copy, sm_80: the second chunk's LDGs after the first's reduction barriers), and Triton "
     "converts a loaded weight tile to the product's layout right after its load (LDG, BAR, STS), so the GEMM "
@@ -881,9 +883,10 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "Triton fused plans' excite: per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
     "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",
-    "Triton weight_grads: each program walks its chunk of at most 32 samples in order, 4 samples a step whose "
-    "loads precede their FMAs (the sm_80 and sm_90 SASS of the cached cubins: all of a step's LDGs, then the "
-    "FFMAs), one L2 round trip a step; with several chunks, se_sum_chunks_kernel adds them (one round trip a "
+    "Triton weight_grads: each program walks its chunk of at most 32 samples in order, launch.WGRAD_STEP (16) "
+    "samples a step as two FMA tl.dots; Triton pipelines the loop (one sm_90 cubin: the operands copied to shared "
+    "memory by LDGSTS, the next step's copies issued before this step's FFMAs), counted here as one L2 round "
+    "trip a step (conservative); with several chunks, se_sum_chunks_kernel adds them (one round trip a "
     "chunk), or in the streamed plan the last program of each tile to finish does (an atomic, then one round "
     "trip a chunk, after the last wave).",
     "CUDA channel_sums: 16 bytes per lane and iteration when H*W is a multiple of the vector width (else one "

@@ -165,13 +165,18 @@ def test_deterministic_and_plans_agree(monkeypatch):
 def test_weight_grads_over_batch_chunks(n):
     """Over WGRAD_CHUNK (32) samples the weight gradients are summed per chunk of the batch by
     more programs, the chunks then added in order (se_sum_chunks_kernel): right in float32 and
-    float64, and deterministic."""
+    float64, and deterministic. float32: 16 samples a step (tl.dot; a chunk of 17 or 24 ends in a
+    partial step), C = 12 and S = 4 in blocks of 16; float64: 4 samples a step, blocks of C and S."""
     from se_kernels.triton import launch
 
     case = Case((n, 12, 2, 3), 4, "hardswish", "sigmoid", True, False, None)
     g = launch.Geometry(torch.empty(case.shape, device="meta"), 4, out_relu=False)
     plan = launch.Plan(g, backward=True, sm_count=132)
     assert plan.wgrad_chunks == 2 + (n > 64) and "se_sum_chunks_kernel" in plan.grids
+    assert (plan.wgrad_block_c, plan.wgrad_block_s, plan.wgrad_step) == (16, 16, 16)
+    g64 = launch.Geometry(torch.empty(case.shape, device="meta", dtype=torch.float64), 4, out_relu=False)
+    plan64 = launch.Plan(g64, backward=True, sm_count=132)
+    assert (plan64.wgrad_block_c, plan64.wgrad_block_s, plan64.wgrad_step) == (16, 4, 4)
     for dtype in (torch.float32, torch.float64):
         check(case, dtype, fresh_seed())
     inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
@@ -332,7 +337,14 @@ STREAM_CASES = [  # split-plan sizes (C x H*W padded over 8192 elements), small 
     Case((5, 12, 32, 32), 3, "relu", "sigmoid", True, True, "relu", False),
     # 14x14 rows (196 = 4 x 49): the kernels' ALIGN = 4 hints (channels_last C = 24 and 72 above: 8)
     Case((5, 40, 14, 14), 5, "silu", "sigmoid", True, True, "relu", False),
+    # flat tiles (kernels.py _flat_tile): 7x7 rows, 144 channels in blocks of 128 (a last block of
+    # 16); 3x3 rows in 16-pixel blocks, 520 channels in blocks of 512 (bfloat16 forward, no relu
+    # mask: 1024); 7x7 with C = 150, no multiple of 16 bytes' elements: the element-by-element tiles
+    Case((5, 144, 7, 7), 9, "relu", "sigmoid", True, True, "relu", False),
+    Case((6, 520, 3, 3), 8, "silu", "hardsigmoid", False, False, None, False),
+    Case((5, 150, 7, 7), 7, "gelu", "sigmoid", True, False, "relu", False),
 ]
+FLAT_CASES = {(5, 144, 7, 7): (49, 128, 128), (6, 520, 3, 3): (9, 512, 512), (5, 150, 7, 7): (0, 0, 0)}
 
 
 def _launched(monkeypatch) -> list:
@@ -350,6 +362,31 @@ def _launched(monkeypatch) -> list:
 
 def _case_id(case: Case) -> str:
     return "x".join(map(str, case.shape)) + ("-cl" if case.channels_last else "")
+
+
+@pytest.mark.parametrize("case", [c for c in STREAM_CASES if c.shape in FLAT_CASES], ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_tiles_planned(case, dtype):
+    """Which streamed plans take flat tiles, and their channel blocks: launch.STREAM_FLAT_ELEMENTS
+    in rows padded to a power of two (twice that for 2-byte types in the forward without the relu
+    mask)."""
+    from se_kernels.triton import launch
+
+    flat_l, block_fwd, block_bwd = FLAT_CASES[case.shape]
+    elem = torch.empty((), dtype=dtype).element_size()
+    for backward, block in ((False, block_fwd), (True, block_bwd)):
+        x = torch.empty(case.shape, dtype=dtype, device="meta")
+        g = launch.Geometry(x, case.squeeze, case.out_activation == "relu")
+        p = launch.Plan(g, backward=backward, sm_count=132, budget=4 * stream_kept_bytes(case, dtype), elem=elem,
+                        tensors=3)
+        assert p.stream is not None
+        if flat_l:
+            assert p.stream_flat == (flat_l, 16 // elem)
+            if elem == 2 and not backward and case.out_activation is None:
+                block *= 2
+            assert (p.stream_block_c, p.stream_block_l) == (block, launch._pow2(flat_l)), backward
+        else:
+            assert p.stream_flat == (0, 0)
 
 
 @pytest.mark.parametrize("case", STREAM_CASES, ids=_case_id)
@@ -442,8 +479,8 @@ def test_mlp_steps_and_split_blocks(monkeypatch, unroll, split_elements, split_b
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_streamed_plan_dtypes(monkeypatch, dtype):
-    case = STREAM_CASES[0]
+@pytest.mark.parametrize("case", [STREAM_CASES[0], STREAM_CASES[5], STREAM_CASES[6]], ids=_case_id)
+def test_streamed_plan_dtypes(monkeypatch, dtype, case):
     monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(5 * stream_kept_bytes(case, dtype)))
     names = _launched(monkeypatch)
     check(case, dtype, fresh_seed())

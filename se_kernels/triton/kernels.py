@@ -414,26 +414,24 @@ def _sample_block(N, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr):
 
 
 @triton.jit
-def _split_sums_first(partial_ptr, n, c, nc_ok, C, SPLITS, SHARED: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """The first SPLIT_BLOCK pixel splits of the (N, SPLITS, C) partials for samples n and channels
-    c, [BLOCK_N, SPLIT_BLOCK, len(c)], zeros past SPLITS: loaded before the caller's weights, whose
-    conversion to the product's layout is the first thing to wait, so both arrive in that one L2
-    round trip (SHARED: their cache modifier, ".cg" where this kernel's other programs wrote them)."""
-    split = tl.arange(0, SPLIT_BLOCK)
+def _split_block(partial_ptr, n, c, nc_ok, C, SPLITS, s0, SHARED: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Pixel splits s0 .. s0 + SPLIT_BLOCK of the (N, SPLITS, C) partials for samples n and
+    channels c, [BLOCK_N, SPLIT_BLOCK, len(c)], zeros past SPLITS (SHARED: their cache modifier,
+    ".cg" where this kernel's other programs wrote them). The GEMMs load the first block before
+    their weights, whose conversion to the product's layout is the first thing to wait, so both
+    arrive in that one L2 round trip."""
+    split = s0 + tl.arange(0, SPLIT_BLOCK)
     return tl.load(partial_ptr + (n[:, None, None] * SPLITS + split[None, :, None]) * C + c[None, None, :],
                    mask=nc_ok[:, None, :] & (split < SPLITS)[None, :, None], other=0.0, cache_modifier=SHARED)
 
 
 @triton.jit
 def _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """The sums over the pixel splits: `first`'s, then SPLIT_BLOCK further splits per load (one L2
-    round trip each), block by block in order."""
+    """The sums over the pixel splits: `first`'s (the first block), then SPLIT_BLOCK further splits
+    per load (one L2 round trip each), block by block in order."""
     total = tl.sum(first, axis=1)
     for s0 in range(SPLIT_BLOCK, SPLITS, SPLIT_BLOCK):
-        split = s0 + tl.arange(0, SPLIT_BLOCK)
-        total += tl.sum(tl.load(partial_ptr + (n[:, None, None] * SPLITS + split[None, :, None]) * C
-                                + c[None, None, :], mask=nc_ok[:, None, :] & (split < SPLITS)[None, :, None],
-                                other=0.0, cache_modifier=SHARED), axis=1)
+        total += tl.sum(_split_block(partial_ptr, n, c, nc_ok, C, SPLITS, s0, SHARED, SPLIT_BLOCK), axis=1)
     return total
 
 
@@ -518,9 +516,9 @@ def _hidden_body(n, n_ok, s, pid_s, partial_ptr, w1_ptr, b1_ptr, pooled_ptr, hid
     for c0 in range(0, C, UNROLL * BLOCK_C):
         c = c0 + tl.arange(0, UNROLL * BLOCK_C)
         nc_ok = n_ok[:, None] & (c < C)[None, :]
-        first = _split_sums_first(partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK)
+        first = _split_block(partial_ptr, n, c, nc_ok, C, SPLITS, 0, SHARED, SPLIT_BLOCK)
         wa, wb, wc, wd = _chunks(_matrix_tile(w1_ptr, s, s_ok, c, C, C, ACC), BLOCK_S, BLOCK_C, UNROLL)
-        p = _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK).to(ACC) / L
+        p = _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK) / L
         tl.store(pooled_ptr + n[:, None] * C + c[None, :], p, mask=nc_ok & (pid_s == 0))
         pa, pb, pc, pd = _chunks(p, BLOCK_N, BLOCK_C, UNROLL)
         acc = _add_chunk_products(acc, pa, pb, pc, pd, wa, wb, wc, wd, UNROLL)
@@ -663,16 +661,16 @@ def _dz1_body(n, n_ok, s, pid_s, partial_ptr, w2_ptr, hidden_ptr, logits_ptr, dz
     for c0 in range(0, C, UNROLL * BLOCK_C):
         c = c0 + tl.arange(0, UNROLL * BLOCK_C)
         nc_ok = n_ok[:, None] & (c < C)[None, :]
-        first = _split_sums_first(partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK)
+        first = _split_block(partial_ptr, n, c, nc_ok, C, SPLITS, 0, SHARED, SPLIT_BLOCK)
         u2 = tl.load(logits_ptr + n[:, None] * C + c[None, :], mask=nc_ok, other=0.0)
         wa, wb, wc, wd = _chunks(_matrix_tile(w2_ptr, s, s_ok, c, C, S, ACC, TRANSPOSED=True), BLOCK_S, BLOCK_C,
                                  UNROLL)
-        dg = _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK).to(ACC)
+        dg = _split_sums_rest(first, partial_ptr, n, c, nc_ok, C, SPLITS, SHARED, SPLIT_BLOCK)
         g = _gate(u2, GATE)
         dz2 = tl.where(nc_ok, dg * _gate_grad(u2, g, GATE), 0.0)
-        firsts = nc_ok & (pid_s == 0)
-        tl.store(dz2_ptr + n[:, None] * C + c[None, :], dz2, mask=firsts)
-        tl.store(gates_ptr + n[:, None] * C + c[None, :], g, mask=firsts)
+        owner = nc_ok & (pid_s == 0)  # one program of each sample block stores dz2 and the gates
+        tl.store(dz2_ptr + n[:, None] * C + c[None, :], dz2, mask=owner)
+        tl.store(gates_ptr + n[:, None] * C + c[None, :], g, mask=owner)
         da, db, dc, dd = _chunks(dz2, BLOCK_N, BLOCK_C, UNROLL)
         acc = _add_chunk_products(acc, da, db, dc, dd, wa, wb, wc, wd, UNROLL)
     ns_ok = n_ok[:, None] & s_ok[None, :]
@@ -765,11 +763,13 @@ def se_weight_grads_kernel(
     N, C, S, per_chunk, chunk_stride, o_db1, o_dw2, o_db2,  # o_*: element offsets of db1, dW2, db2
     done_offset,
     ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SUM_HERE: tl.constexpr,
+    STEP: tl.constexpr,
 ):
     """dW2 = dz2^T act(hidden), dW1 = dz1^T pooled, db2 = sum dz2, db1 = sum dz1 over the samples
-    [chunk * per_chunk, (chunk + 1) * per_chunk) for one (C block, S block), adding them in order:
-    deterministic. 1-D grid over (chunks, S blocks, C blocks), C blocks fastest. One chunk: the
-    weights' gradients themselves (cast to their dtype); several: ACC partials in one buffer
+    [chunk * per_chunk, (chunk + 1) * per_chunk) for one (C block, S block), STEP (float64: 4)
+    samples a step, the steps in order: deterministic. 1-D grid over (chunks, S blocks, C blocks),
+    C blocks fastest. One chunk: the weights' gradients themselves (cast to their dtype); several:
+    ACC partials in one buffer
     (passed four times, o_* apart), chunk k's at k * chunk_stride, added by se_sum_chunks_kernel or
     (SUM_HERE: where the streamed plan's zeroed counters are at hand) by the last program of each
     (C block, S block) to finish."""
@@ -787,32 +787,49 @@ def se_weight_grads_kernel(
     db2 = tl.zeros([BLOCK_C], ACC)
     db1 = tl.zeros([BLOCK_S], ACC)
     end = tl.minimum(N, (chunk + 1) * per_chunk)
-    for n0 in range(chunk * per_chunk, end, 4):
-        # 4 samples a step, their loads issued before any of them is added (one L2 round trip a
-        # step, not a sample), then added in sample order; past `end` they are zeros
-        a2, a1, az, ap = _wgrad_sample(n0, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S, ACT)
-        b2, b1, bz, bp = _wgrad_sample(n0 + 1, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
-                                       ACT)
-        e2, e1, ez, ep = _wgrad_sample(n0 + 2, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
-                                       ACT)
-        f2, f1, fz, fp = _wgrad_sample(n0 + 3, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
-                                       ACT)
-        dw2 += a2[:, None] * az[None, :]
-        dw2 += b2[:, None] * bz[None, :]
-        dw2 += e2[:, None] * ez[None, :]
-        dw2 += f2[:, None] * fz[None, :]
-        dw1 += a1[:, None] * ap[None, :]
-        dw1 += b1[:, None] * bp[None, :]
-        dw1 += e1[:, None] * ep[None, :]
-        dw1 += f1[:, None] * fp[None, :]
-        db2 += a2
-        db2 += b2
-        db2 += e2
-        db2 += f2
-        db1 += a1
-        db1 += b1
-        db1 += e1
-        db1 += f1
+    if ACC == tl.float32:
+        # STEP samples a step as two products over the samples (FMA dots, in sample order: exact
+        # float32 products, no TF32): one L2 round trip a step and ~128 registers at 8 warps, where
+        # 4 samples a step as outer products took 137-169 (one program per SM)
+        for n0 in range(chunk * per_chunk, end, STEP):
+            n = n0 + tl.arange(0, STEP)
+            n_ok = n < end
+            dz2 = tl.load(dz2_ptr + n[None, :] * C + c[:, None], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            dz1 = tl.load(dz1_ptr + n[None, :] * S + s[:, None], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+            ns_ok = n_ok[:, None] & s_ok[None, :]
+            z = tl.where(ns_ok, _activation(tl.load(hidden_ptr + n[:, None] * S + s[None, :], mask=ns_ok, other=0.0),
+                                            ACT), 0.0)
+            p = tl.load(pooled_ptr + n[:, None] * C + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            dw2 = tl.dot(dz2, z, dw2, input_precision="ieee")
+            dw1 = tl.dot(dz1, p, dw1, input_precision="ieee")
+            db2 += tl.sum(dz2, axis=1)
+            db1 += tl.sum(dz1, axis=1)
+    else:  # float64 (tl.dot on float64 is too recent in Triton to rely on): 4 samples a step, loads together
+        for n0 in range(chunk * per_chunk, end, 4):
+            a2, a1, az, ap = _wgrad_sample(n0, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
+                                           ACT)
+            b2, b1, bz, bp = _wgrad_sample(n0 + 1, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C,
+                                           S, ACT)
+            e2, e1, ez, ep = _wgrad_sample(n0 + 2, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C,
+                                           S, ACT)
+            f2, f1, fz, fp = _wgrad_sample(n0 + 3, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C,
+                                           S, ACT)
+            dw2 += a2[:, None] * az[None, :]
+            dw2 += b2[:, None] * bz[None, :]
+            dw2 += e2[:, None] * ez[None, :]
+            dw2 += f2[:, None] * fz[None, :]
+            dw1 += a1[:, None] * ap[None, :]
+            dw1 += b1[:, None] * bp[None, :]
+            dw1 += e1[:, None] * ep[None, :]
+            dw1 += f1[:, None] * fp[None, :]
+            db2 += a2
+            db2 += b2
+            db2 += e2
+            db2 += f2
+            db1 += a1
+            db1 += b1
+            db1 += e1
+            db1 += f1
     base = chunk * chunk_stride
     tl.store(dw2_ptr + base + o_dw2 + c[:, None] * S + s[None, :], dw2.to(dw2_ptr.dtype.element_ty),
              mask=c_ok[:, None] & s_ok[None, :])
@@ -956,6 +973,129 @@ def ca_grad_input_max_kernel(
         tl.store(dx_ptr + offsets, out.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
+# ---- flat tiles: the streamed plan on short NCHW rows with no 8-byte accesses (7x7 maps) -----------
+#
+# A 49-pixel row starts on no multiple of 2 elements, so a [BLOCK_C, BLOCK_L] tile goes element by
+# element, an address each: few bytes in flight and many registers. But the rows of BLOCK_C
+# consecutive channels of a sample are one contiguous run of BLOCK_C * FLAT_L elements, which
+# starts on a 16-byte boundary when C and BLOCK_C are multiples of FLAT_VEC (16 bytes of the
+# element type; launch.Plan._stream checks C). A flat tile loads and stores that run as a 1-D
+# [BLOCK_C * BLOCK_L] vector (16-byte accesses; past BLOCK_C * FLAT_L masked) and moves values
+# between it and the [BLOCK_C, BLOCK_L] rows with tl.gather: per-channel values out to the
+# elements, elements in to the rows for the channel sums and the relu mask's bytes.
+
+
+@triton.jit
+def _flat_tile(tile, C, s_n, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+               BLOCK_L: tl.constexpr):
+    """(n, channels c, element offsets, inside) of flat tile number `tile` (channel blocks
+    fastest): channels c of sample n, their rows as one run."""
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    n = (tile // c_blocks).to(tl.int64)
+    c0 = tile % c_blocks * BLOCK_C
+    f = tl.arange(0, BLOCK_C * BLOCK_L)
+    rows = tl.multiple_of(tl.minimum(C - c0, BLOCK_C), FLAT_VEC)
+    start = tl.multiple_of(n * s_n + c0 * FLAT_L, FLAT_VEC)
+    return n, c0 + tl.arange(0, BLOCK_C), start + f, f < rows * FLAT_L
+
+
+@triton.jit
+def _flat_to_rows(v, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The flat tile's values as [BLOCK_C, BLOCK_L] rows (pixels from FLAT_L on: a copy of the
+    last; callers mask them)."""
+    c = tl.arange(0, BLOCK_C)[:, None]
+    l = tl.arange(0, BLOCK_L)[None, :]
+    at = tl.reshape(c * FLAT_L + tl.minimum(l, FLAT_L - 1), [BLOCK_C * BLOCK_L])
+    return tl.reshape(tl.gather(v, at, 0), [BLOCK_C, BLOCK_L])
+
+
+@triton.jit
+def _flat_from_rows(t, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """[BLOCK_C, BLOCK_L] rows as the flat tile's values (past BLOCK_C * FLAT_L: the last
+    element's)."""
+    f = tl.arange(0, BLOCK_C * BLOCK_L)
+    row = tl.minimum(f // FLAT_L, BLOCK_C - 1)
+    return tl.gather(tl.reshape(t, [BLOCK_C * BLOCK_L]), row * BLOCK_L + tl.minimum(f - row * FLAT_L, FLAT_L - 1), 0)
+
+
+@triton.jit
+def _flat_per_channel(v, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """A [BLOCK_C] per-channel vector at each element of the flat tile."""
+    f = tl.arange(0, BLOCK_C * BLOCK_L)
+    return tl.gather(v, tl.minimum(f // FLAT_L, BLOCK_C - 1), 0)
+
+
+@triton.jit
+def _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, C, row_bytes, OUT_RELU: tl.constexpr,
+                      ACC: tl.constexpr, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                      LAST: tl.constexpr = ""):
+    """_masked_grad over a flat tile: the mask's bytes read as rows, their bits moved out to the
+    elements."""
+    dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
+    if OUT_RELU:
+        l = tl.arange(0, BLOCK_L)
+        bits = _load_mask(mask_ptr, n, c, l, C, FLAT_L, row_bytes, BLOCK_C, BLOCK_L, False).to(tl.int8)
+        dy = tl.where(_flat_from_rows(bits, FLAT_L, BLOCK_C, BLOCK_L) != 0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _flat_sums_body(tile, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, s_n, row_bytes, DOT: tl.constexpr,
+                    OUT_RELU: tl.constexpr, ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, LAST: tl.constexpr = ""):
+    """_channel_sums_body over flat tile `tile` (one pixel split: whole rows)."""
+    n, c, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
+    if DOT:
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
+        x *= _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, C, row_bytes, OUT_RELU, ACC, FLAT_L,
+                               BLOCK_C, BLOCK_L)
+    else:  # gathered in x's dtype: half the shared memory of ACC's for 2-byte types
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+    rows = _flat_to_rows(x, FLAT_L, BLOCK_C, BLOCK_L).to(ACC)
+    rows = tl.where((tl.arange(0, BLOCK_L) < FLAT_L)[None, :], rows, 0.0)
+    tl.store(partial_ptr + n * C + c, tl.sum(rows, axis=1), mask=c < C)
+
+
+@triton.jit
+def _flat_scale_body(tile, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, s_n, row_bytes, HAS_RES: tl.constexpr,
+                     OUT_RELU: tl.constexpr, ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "",
+                     LAST: tl.constexpr = ""):
+    """_scale_body and _scale_tile over flat tile `tile`."""
+    n, c, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
+    g = tl.load(gates_ptr + n * C + c, mask=c < C, other=0.0, cache_modifier=SHARED)
+    out = x * _flat_per_channel(g, FLAT_L, BLOCK_C, BLOCK_L)
+    if HAS_RES:
+        out += tl.load(res_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
+    if OUT_RELU:
+        positive = (out > 0).to(tl.int8)
+        out = tl.where(out < 0, 0.0, out)  # keeps NaN, as torch.relu does
+    tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
+    if OUT_RELU:  # after y's store: out is dead by then
+        l = tl.arange(0, BLOCK_L)
+        rows = _flat_to_rows(positive, FLAT_L, BLOCK_C, BLOCK_L) != 0
+        _store_mask(mask_ptr, rows & (l < FLAT_L)[None, :], n, c, l, C, FLAT_L, row_bytes, BLOCK_C, BLOCK_L, False)
+
+
+@triton.jit
+def _flat_grad_input_body(tile, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr, dp_ptr, C, s_n, row_bytes,
+                          OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+                          ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "", LAST: tl.constexpr = ""):
+    """_grad_input_body and _grad_tile over flat tile `tile`."""
+    n, c, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
+    dy = _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, C, row_bytes, OUT_RELU, ACC, FLAT_L, BLOCK_C,
+                           BLOCK_L, LAST)
+    if NEED_DRES:
+        tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
+    if NEED_DX:
+        g = tl.load(gates_ptr + n * C + c, mask=c < C, other=0.0, cache_modifier=SHARED)
+        dp = tl.load(dp_ptr + n * C + c, mask=c < C, other=0.0, cache_modifier=SHARED)
+        out = dy * _flat_per_channel(g, FLAT_L, BLOCK_C, BLOCK_L) + _flat_per_channel(dp, FLAT_L, BLOCK_C, BLOCK_L)
+        tl.store(dx_ptr + offsets, out.to(dx_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
+
+
 # ---- the streamed plan: one persistent kernel per direction ----------------------------------
 #
 # As the CUDA backend's (csrc/cuda/se_stream.h, where the schedule and the argument for progress
@@ -1026,7 +1166,7 @@ def se_streamed_forward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
     MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr, MLP_UNROLL_C: tl.constexpr,
-    MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr,
+    MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
 ):
     """The forward's streamed plan: channel sums -> hidden -> logits and gates -> scale, per group."""
     c_blocks = tl.cdiv(C, BLOCK_C)
@@ -1040,9 +1180,13 @@ def se_streamed_forward_kernel(
             if stage == 0:
                 pid = n0 * (c_blocks * SPLITS) + index
                 if pid < n1 * (c_blocks * SPLITS):
-                    _channel_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
-                                       BLOCK_L, SPLITS, False, False, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
-                                       ALIGN=ALIGN)
+                    if FLAT_L > 0:
+                        _flat_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, s_n, row_bytes, False, False, ACC,
+                                        FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
+                    else:
+                        _channel_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                                           BLOCK_L, SPLITS, False, False, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
+                                           ALIGN=ALIGN)
             elif stage == 1:
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _hidden_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w1_ptr,
@@ -1056,10 +1200,14 @@ def se_streamed_forward_kernel(
             else:
                 tile = n1 * tiles_per_sample - 1 - index
                 if tile >= n0 * tiles_per_sample:
-                    nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
-                    _scale_body(nt, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l,
-                                row_bytes, HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, ".cg", "evict_first",
-                                ALIGN)
+                    if FLAT_L > 0:
+                        _flat_scale_body(tile, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, s_n, row_bytes, HAS_RES,
+                                         OUT_RELU, ACC, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L, ".cg", "evict_first")
+                    else:
+                        nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
+                        _scale_body(nt, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l,
+                                    row_bytes, HAS_RES, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, ".cg",
+                                    "evict_first", ALIGN)
             if stage < 3:
                 _stream_signal(counters_ptr, g, stage)
         i = ahead
@@ -1079,7 +1227,7 @@ def se_streamed_backward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, WIDE: tl.constexpr,
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
     MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr, MLP_UNROLL_C: tl.constexpr,
-    MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr,
+    MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
 ):
     """The backward's streamed plan: sums of dy' * x -> dz1 (dz2, gates) -> dp -> grad_input, per
     group; the weight gradients follow as in the split plan."""
@@ -1094,9 +1242,13 @@ def se_streamed_backward_kernel(
             if stage == 0:
                 pid = n0 * (c_blocks * SPLITS) + index
                 if pid < n1 * (c_blocks * SPLITS):
-                    _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
-                                       BLOCK_L, SPLITS, True, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
-                                       "evict_first", ALIGN)
+                    if FLAT_L > 0:
+                        _flat_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, s_n, row_bytes, True, OUT_RELU,
+                                        ACC, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L, "evict_first")
+                    else:
+                        _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
+                                           BLOCK_L, SPLITS, True, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
+                                           "evict_first", ALIGN)
             elif stage == 1:
                 n = n0.to(tl.int64) + tl.arange(0, MLP_BLOCK_N)
                 _dz1_body(n, n < n1, index * MLP_BLOCK_S + tl.arange(0, MLP_BLOCK_S), index, partial_ptr, w2_ptr,
@@ -1109,13 +1261,18 @@ def se_streamed_backward_kernel(
             else:
                 tile = n1 * tiles_per_sample - 1 - index
                 if tile >= n0 * tiles_per_sample:
-                    nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
-                    c_ok = c < C
-                    inside = _tile_inside(c, l, C, L, PIXEL_ROWS, ALIGN)
-                    offsets = _tile_offsets_at(nt, c, l, s_n, s_c, s_l, PIXEL_ROWS, ALIGN)
-                    _grad_input_body(nt, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr,
-                                     dp_ptr, C, L, row_bytes, OUT_RELU, NEED_DX, NEED_DRES, PIXEL_ROWS, ACC, BLOCK_C,
-                                     BLOCK_L, ".cg", "evict_first")
+                    if FLAT_L > 0:
+                        _flat_grad_input_body(tile, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr, dp_ptr, C, s_n,
+                                              row_bytes, OUT_RELU, NEED_DX, NEED_DRES, ACC, FLAT_L, FLAT_VEC, BLOCK_C,
+                                              BLOCK_L, ".cg", "evict_first")
+                    else:
+                        nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
+                        c_ok = c < C
+                        inside = _tile_inside(c, l, C, L, PIXEL_ROWS, ALIGN)
+                        offsets = _tile_offsets_at(nt, c, l, s_n, s_c, s_l, PIXEL_ROWS, ALIGN)
+                        _grad_input_body(nt, c, l, c_ok, inside, offsets, dy_ptr, mask_ptr, dx_ptr, dres_ptr,
+                                         gates_ptr, dp_ptr, C, L, row_bytes, OUT_RELU, NEED_DX, NEED_DRES, PIXEL_ROWS,
+                                         ACC, BLOCK_C, BLOCK_L, ".cg", "evict_first")
             if stage < 3:
                 _stream_signal(counters_ptr, g, stage)
         i = ahead

@@ -36,7 +36,13 @@ MLP_PRODUCT_ELEMENTS = 4096  # [BLOCK_N, BLOCK_x, chunk] products of those GEMMs
 MLP_UNROLL, MLP_SPLIT_ELEMENTS = 1, 1024
 STREAM_MLP_UNROLL, STREAM_SPLIT_ELEMENTS = (4, 2), (4096, 2048)
 WGRAD_CHUNK = 32  # samples one weight-gradient program sums in series (more: chunks, added after)
-WGRAD_UNROLL = 4  # samples whose loads se_weight_grads_kernel issues together (then added in order)
+# samples a step of se_weight_grads_kernel (float32 accumulators: FMA tl.dots over the step's samples,
+# whose blocks are then at least 16 long; float64: 4 samples' loads together, then added in order).
+# float32 blocks of 64 x 32 (C x S), as the outer products': 204-253 registers (8 warps/SM, one
+# program, as before). Smaller blocks do not pay: 32 x 16 took 128-170 (still one program per SM on
+# sm_80 and on some sm_90 variants) for 4x the programs; held to 128 registers (maxnreg), 64 x 32
+# spilled 388-552 B, 32 x 32 8-28 B and 32 x 16 8 B
+WGRAD_STEP, WGRAD_STEP_F64 = 16, 4
 SUM_BLOCK = 1024  # elements per program of se_sum_chunks_kernel
 STREAM_MIN_LAG, STREAM_MAX_GROUP = 3, 8  # csrc/cuda/se_stream.h kMinLag, kMaxGroup
 STREAM_BUDGET_ENV = "SE_KERNELS_STREAM_BUDGET"  # bytes of L2 the streamed plans count on (0: never stream)
@@ -47,6 +53,15 @@ STREAM_PROGRAMS_PER_SM = 1  # persistent programs of the streamed plan per multi
 # STREAM_TILE_ELEMENTS (forward) or TILE_ELEMENTS (backward) elements.
 STREAM_TILE_BYTES = 32768
 STREAM_TILE_ELEMENTS = 8192
+# flat tiles (Plan._stream: NCHW rows of at most STREAM_FLAT_MAX_L pixels with no 8-byte accesses):
+# STREAM_FLAT_ELEMENTS of x (backward: of dy and of x), padding included; twice that for 2-byte
+# types in the forward without the relu mask (16 KiB of x, as float32's). 16-byte accesses, one
+# address a vector: the element-by-element tiles took half as many elements. Larger ones spilled
+# (sm_90): 256 x 64 in the backward (bfloat16, 124 B) and in the forward with the mask (float32
+# 132 B, bfloat16 64 B). The gathers stage a tile in shared memory: at most 32 KiB (float32
+# 8192 elements; bfloat16 16384, gathered as bfloat16)
+STREAM_FLAT_ELEMENTS = 8192
+STREAM_FLAT_MAX_L = 128
 
 
 def _pow2(n: int) -> int:
@@ -206,8 +221,13 @@ class Plan:
         # N); either way at most 16 product elements a thread
         self.mlp_warps = tuple(_warps(self.mlp_block_n * a * b) for a, b in
                                ((self.mlp_block_s, self.mlp_chunk_c), (self.mlp_block_c, self.mlp_chunk_s)))
-        self.wgrad_block_c = min(_pow2(g.C), 64)
-        self.wgrad_block_s = min(_pow2(g.S), 32)  # 64 with 4 samples a step: 255 registers, spilled 12 B (sm_80)
+        # float32: tl.dot's operands are at least 16 x 16; float64: the outer products' blocks (S 64
+        # with 4 samples a step: 255 registers, spilled 12 B, sm_80)
+        f64 = g.acc == tl.float64
+        self.wgrad_step = WGRAD_STEP_F64 if f64 else WGRAD_STEP
+        least = 1 if f64 else 16
+        self.wgrad_block_c = max(min(_pow2(g.C), 64), least)
+        self.wgrad_block_s = max(min(_pow2(g.S), 32), least)
         # the weight gradients sum the batch in chunks of at most WGRAD_CHUNK samples, one set of
         # programs per chunk (more programs in flight, fewer samples in series each)
         self.wgrad_chunks = triton.cdiv(g.N, WGRAD_CHUNK)
@@ -262,13 +282,23 @@ class Plan:
         # 20-100 B); with 8-byte accesses (bfloat16 14x14) it does not
         align = 16 if row % 16 == 0 else row & -row
         self.stream_align = align if 1 < align < 16 else 0  # 0: no hint (16: Triton's own)
-        if align * elem < 8:
-            elements = min(elements, TILE_ELEMENTS if backward else STREAM_TILE_ELEMENTS)
-        block_c, block_l = g.tile(elements)
-        if (block_c if g.pixel_rows else block_l) < 128:  # short rows: a 128 x 64 float32 tile spilled (sm_90)
-            block_c, block_l = g.tile(min(elements, TILE_ELEMENTS))
-        else:  # long rows: the tile of `elements` (or fewer) that pads the sample least
-            block_c, block_l = _least_padded(g, elements, block_c, block_l)
+        # short NCHW rows of no 8-byte accesses (7x7): flat tiles (kernels.py _flat_tile) of whole
+        # rows, where C is a multiple of 16 bytes' elements (each tile's run starts on 16 bytes)
+        vec = 16 // elem
+        self.stream_flat = (0, 0)
+        if align * elem < 8 and not g.pixel_rows and g.L <= STREAM_FLAT_MAX_L and g.C % vec == 0 and not g.wide:
+            self.stream_flat = (g.L, vec)
+            block_l = max(_pow2(g.L), g.min_l)
+            flat = STREAM_FLAT_ELEMENTS * (2 if elem == 2 and not (backward or g.out_relu) else 1)
+            block_c = min(flat // block_l, max(_pow2(g.C), g.min_c))
+        else:
+            if align * elem < 8:
+                elements = min(elements, TILE_ELEMENTS if backward else STREAM_TILE_ELEMENTS)
+            block_c, block_l = g.tile(elements)
+            if (block_c if g.pixel_rows else block_l) < 128:  # short rows: a 128 x 64 float32 tile spilled (sm_90)
+                block_c, block_l = g.tile(min(elements, TILE_ELEMENTS))
+            else:  # long rows: the tile of `elements` (or fewer) that pads the sample least
+                block_c, block_l = _least_padded(g, elements, block_c, block_l)
         self.stream_block_c, self.stream_block_l = block_c, block_l
         self.stream_unroll_c, self.stream_unroll_s = self._unrolls(g, STREAM_MLP_UNROLL[backward])
         self.stream_split_block = self._split_block(triton.cdiv(g.L, block_l), self.stream_unroll_c,
@@ -361,6 +391,7 @@ def _stream_blocks(g: Geometry, plan: Plan) -> dict:
     """The streamed kernels' tile constexprs: their own tile (STREAM_TILE_BYTES), the split plan's
     MLP blocks."""
     return dict(BLOCK_C=plan.stream_block_c, BLOCK_L=plan.stream_block_l, WIDE=g.wide, ALIGN=plan.stream_align,
+                FLAT_L=plan.stream_flat[0], FLAT_VEC=plan.stream_flat[1],
                 MLP_BLOCK_N=plan.mlp_block_n,
                 MLP_BLOCK_S=plan.mlp_block_s, MLP_CHUNK_C=plan.mlp_chunk_c, MLP_BLOCK_C=plan.mlp_block_c,
                 MLP_CHUNK_S=plan.mlp_chunk_s, MLP_UNROLL_C=plan.stream_unroll_c, MLP_UNROLL_S=plan.stream_unroll_s,
@@ -526,7 +557,7 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             dz1, dz2, hidden, pooled, *outs, *grads, done, g.N, g.C, g.S, plan.wgrad_per_chunk, stride, *offsets,
             3 * plan.stream["groups"] + 1 if sum_here else 0,
             ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s, SUM_HERE=sum_here,
-            num_warps=8,  # two 64 x 32 accumulators, 4 samples a step: 88-255 registers, 8 resident warps/SM or more
+            STEP=plan.wgrad_step, num_warps=8,
         )
         if plan.wgrad_chunks > 1 and not sum_here:
             _k(kernels.se_sum_chunks_kernel)[plan.grids["se_sum_chunks_kernel"]](
