@@ -975,8 +975,8 @@ def ca_grad_input_max_kernel(
 
 # ---- flat tiles: the streamed plan on short NCHW rows with no 8-byte accesses (7x7 maps) -----------
 #
-# A 49-pixel row starts on no multiple of 2 elements, so a [BLOCK_C, BLOCK_L] tile goes element by
-# element, an address each: few bytes in flight and many registers. But the rows of BLOCK_C
+# Rows of 49 pixels start on an odd element every other row, so a [BLOCK_C, BLOCK_L] tile goes
+# element by element, an address each: few bytes in flight and many registers. But the rows of BLOCK_C
 # consecutive channels of a sample are one contiguous run of BLOCK_C * FLAT_L elements, which
 # starts on a 16-byte boundary when C and BLOCK_C are multiples of FLAT_VEC (16 bytes of the
 # element type; launch.Plan._stream checks C). A flat tile loads and stores that run as a 1-D

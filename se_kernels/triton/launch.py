@@ -55,7 +55,7 @@ STREAM_TILE_BYTES = 32768
 STREAM_TILE_ELEMENTS = 8192
 # flat tiles (Plan._stream: NCHW rows of at most STREAM_FLAT_MAX_L pixels with no 8-byte accesses):
 # STREAM_FLAT_ELEMENTS of x (backward: of dy and of x), padding included; twice that for 2-byte
-# types in the forward without the relu mask (16 KiB of x, as float32's). 16-byte accesses, one
+# types in the forward without the relu mask (32 KiB of x, as float32's). 16-byte accesses, one
 # address a vector: the element-by-element tiles took half as many elements. Larger ones spilled
 # (sm_90): 256 x 64 in the backward (bfloat16, 124 B) and in the forward with the mask (float32
 # 132 B, bfloat16 64 B). The gathers stage a tile in shared memory: at most 32 KiB (float32
