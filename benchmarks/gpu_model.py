@@ -879,7 +879,7 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "Triton MLP (split plan): se_hidden_kernel / se_logits_kernel (backward: se_dz1_kernel / se_dp_kernel), "
     "programs over (8-sample block, 16 hidden units) and (8-sample block, 32 channels); each reads its weight "
     "rows once per sample block; one L2 round trip per step of launch.MLP_UNROLL chunks of the inner dimension "
-    "(chunk: launch.MLP_UNROLL of them) and per launch.MLP_SPLIT_ELEMENTS of further pixel splits' partials. "
+    "(fewer where it is shorter) and per launch.MLP_SPLIT_ELEMENTS of further pixel splits' partials. "
     "Triton fused plans' excite: per sample, all of W1 and W2 from L2; two L2 round trips per S-chunk (one cached "
     "sm_90 se_excite_kernel cubin: W2's loads come after the store of hidden and a reduction). W2 tiles "
     "[BLOCK_C, BLOCK_S] with BLOCK_S < S fetch a whole 32-byte sector per row piece: no L1 reuse counted.",

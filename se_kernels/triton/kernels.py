@@ -769,8 +769,8 @@ def se_weight_grads_kernel(
     [chunk * per_chunk, (chunk + 1) * per_chunk) for one (C block, S block), STEP (float64: 4)
     samples a step, the steps in order: deterministic. 1-D grid over (chunks, S blocks, C blocks),
     C blocks fastest. One chunk: the weights' gradients themselves (cast to their dtype); several:
-    ACC partials in one buffer
-    (passed four times, o_* apart), chunk k's at k * chunk_stride, added by se_sum_chunks_kernel or
+    ACC partials in one buffer (passed four times, o_* apart), chunk k's at k * chunk_stride, added
+    by se_sum_chunks_kernel or
     (SUM_HERE: where the streamed plan's zeroed counters are at hand) by the last program of each
     (C block, S block) to finish."""
     c_blocks = tl.cdiv(C, BLOCK_C)
@@ -788,9 +788,9 @@ def se_weight_grads_kernel(
     db1 = tl.zeros([BLOCK_S], ACC)
     end = tl.minimum(N, (chunk + 1) * per_chunk)
     if ACC == tl.float32:
-        # STEP samples a step as two products over the samples (FMA dots, in sample order: exact
-        # float32 products, no TF32): one L2 round trip a step and ~128 registers at 8 warps, where
-        # 4 samples a step as outer products took 137-169 (one program per SM)
+        # STEP samples a step as two products over the samples (FMA dots: exact float32 products,
+        # no TF32), the step's loads together: one L2 round trip per STEP samples, where the outer
+        # products took one per 4 (launch.py WGRAD_STEP: blocks and registers)
         for n0 in range(chunk * per_chunk, end, STEP):
             n = n0 + tl.arange(0, STEP)
             n_ok = n < end
@@ -805,7 +805,8 @@ def se_weight_grads_kernel(
             db2 += tl.sum(dz2, axis=1)
             db1 += tl.sum(dz1, axis=1)
     else:  # float64 (tl.dot on float64 is too recent in Triton to rely on): 4 samples a step, loads together
-        for n0 in range(chunk * per_chunk, end, 4):
+        tl.static_assert(STEP == 4, "se_kernels: the float64 weight gradients take 4 samples a step")
+        for n0 in range(chunk * per_chunk, end, STEP):
             a2, a1, az, ap = _wgrad_sample(n0, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C, S,
                                            ACT)
             b2, b1, bz, bp = _wgrad_sample(n0 + 1, end, c, s, c_ok, s_ok, dz1_ptr, dz2_ptr, hidden_ptr, pooled_ptr, C,

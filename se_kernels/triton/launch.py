@@ -277,9 +277,9 @@ class Plan:
         row = g.C if g.pixel_rows else g.L
         # rows of no multiple of 16 elements: Triton cannot prove their alignment itself (its
         # divisibility hint is 16); the kernels are told the power of two that divides the row
-        # length (ALIGN; see _tile_offsets_at). Accesses under 8 bytes (7x7 maps: element by
-        # element, an address each) take the smaller tile: the full one spilled there (sm_90,
-        # 20-100 B); with 8-byte accesses (bfloat16 14x14) it does not
+        # length (ALIGN; see _tile_offsets_at). Where the flat tiles below do not apply, accesses
+        # under 8 bytes (element by element, an address each) take the smaller tile: the full one
+        # spilled there (7x7, sm_90, 20-100 B); with 8-byte accesses (bfloat16 14x14) it does not
         align = 16 if row % 16 == 0 else row & -row
         self.stream_align = align if 1 < align < 16 else 0  # 0: no hint (16: Triton's own)
         # short NCHW rows of no 8-byte accesses (7x7): flat tiles (kernels.py _flat_tile) of whole
