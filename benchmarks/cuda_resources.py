@@ -49,7 +49,10 @@ SETUP_NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=
 MAX_SASS_PER_ELEMENT = 12  # float32, 16-byte vectors: the issue rate allows ~56 per 32 elements at 4.8 TB/s
 # the element-wise kernels, and the streamed plan's persistent kernels, whose element-wise items are
 # the same tiles (the other stages do not depend on the tile length: their difference is the tiles')
+# (substrings of the mangled names: flat_scale_kernel and flat_grad_input_kernel are matched too)
 ELEMENTWISE = ("scale_kernel", "grad_input_kernel", "streamed_forward_kernel", "streamed_backward_kernel")
+# the split plan's element-wise kernels, whose float32 16-byte variants are held to MAX_SASS_PER_ELEMENT
+CHECKED = ("scale_kernel", "grad_input_kernel", "flat_scale_kernel", "flat_grad_input_kernel")
 
 
 def find_nvcc() -> Path:
@@ -199,8 +202,11 @@ _ELEMENT_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 def per_element(short: str, at2: int, at4: int) -> dict:
     """The instructions-per-element row of one element-wise variant `kernel<T, A, vector,
     pixel_rows, relu-or-masked[, residual]>` (scale_kernel has the residual flag)."""
+    flat = short.startswith("flat_")
     if short.startswith("streamed_"):  # <T, A, pixel_rows, relu-or-masked[, residual]>, 16-byte tiles only
         short = re.sub(r"<([\w:]+), (\w+), ", r"<\1, \2, true, ", short, count=1)
+    if flat:  # <T, A, relu-or-masked[, residual]>: 16-byte NCHW flat tiles
+        short = re.sub(r"<([\w:]+), (\w+), ", r"<\1, \2, true, false, ", short, count=1)
     m = re.match(r"(\w+)<([\w:]+), \w+, (true|false), (true|false), (true|false)(?:, (true|false))?>", short)
     if m is None:
         raise ValueError(f"unexpected element-wise kernel {short!r}")
@@ -208,11 +214,12 @@ def per_element(short: str, at2: int, at4: int) -> dict:
     vector, pixel_rows, relu = (m.group(i) == "true" for i in (3, 4, 5))
     residual = None if m.group(6) is None else m.group(6) == "true"
     per_step = 16 // _ELEMENT_BYTES[scalar] if vector else 1
-    steps = 4 if vector else 4 * (16 // _ELEMENT_BYTES[scalar])  # shipped: SE_TILE_STEPS 4
+    # shipped: SE_TILE_STEPS 4; flat tiles: kFlatSteps = 2 x SE_TILE_STEPS (8 against 4)
+    steps = 8 if flat else 4 if vector else 4 * (16 // _ELEMENT_BYTES[scalar])
     marginal = (at4 - at2) / (steps // 2 * per_step)
     setup = at4 - marginal * steps * per_step
     return {"kernel": kernel, "scalar": scalar, "vector": vector, "pixel_rows": pixel_rows, "relu": relu,
-            "residual": residual,
+            "residual": residual, "flat": flat,
             "at2": at2, "at4": at4, "per_element": marginal, "setup": setup,
             "setup_per_element": setup / (steps * per_step)}
 
@@ -224,7 +231,8 @@ def render_sass(rows: List[dict]) -> List[str]:
         "",
         "Static instructions of each element-wise variant with tiles of 2 and of 4 steps (4: as shipped; "
         "`-DSE_TILE_STEPS`); per element: the difference over the elements of the 2 more steps "
-        f"(float32 16-byte variants of scale_kernel and grad_input_kernel checked <= {MAX_SASS_PER_ELEMENT}); "
+        f"(float32 16-byte variants of scale_kernel, grad_input_kernel and their flat-tile kernels checked <= "
+        f"{MAX_SASS_PER_ELEMENT}; flat tiles: kFlatSteps = 2 x the steps, so 8 against 4); "
         "setup: the rest, the once-per-tile part, also shown spread over a full tile. Every runtime option's "
         "code is counted. The streamed plan's kernels are reported, not checked: their element-wise items "
         "carry L2 eviction hints (inline assembly), and in a kernel that large the difference also holds "
@@ -237,7 +245,8 @@ def render_sass(rows: List[dict]) -> List[str]:
     yes_no = {True: "yes", False: "no", None: "-"}
     for r in sorted(rows, key=lambda r: (r["kernel"], r["scalar"], not r["vector"], r["pixel_rows"], r["relu"],
                                          bool(r["residual"]))):
-        lines.append(f"| `{r['kernel']}` | {r['scalar']} | {'16-byte' if r['vector'] else 'scalar'} | "
+        path = ("flat 16-byte" if r["flat"] else "16-byte") if r["vector"] else "scalar"
+        lines.append(f"| `{r['kernel']}` | {r['scalar']} | {path} | "
                      f"{'channels_last' if r['pixel_rows'] else 'NCHW'} | {yes_no[r['relu']]} | "
                      f"{yes_no[r['residual']]} | "
                      f"{r['at2']} / {r['at4']} | {r['per_element']:.2f} | {r['setup']:.0f} | "
@@ -342,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [r for r in rows if r["stack"] or r["spill_stores"] or r["spill_loads"]]
     # the check: the split plan's element-wise kernels; the streamed kernels' rows are reported (their
     # difference also holds whatever ptxas schedules differently in the rest of a large kernel)
-    checked = [r for r in sass_rows if r["scalar"] == "float" and r["vector"] and r["kernel"] in ELEMENTWISE[:2]]
+    checked = [r for r in sass_rows if r["scalar"] == "float" and r["vector"] and r["kernel"] in CHECKED]
     slow = [r for r in checked if r["per_element"] > MAX_SASS_PER_ELEMENT]
     if sass_rows:
         worst = max(checked, key=lambda r: r["per_element"])

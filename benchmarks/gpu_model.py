@@ -74,7 +74,7 @@ SECTOR = 32  # bytes an L1 miss fetches from L2
 # ASSUMPTION: loads in flight per thread in se_cuda.cu's runtime-length loops (nvcc's usual unroll
 # by 4; check the SASS)
 CUDA_UNROLL = 4
-CUDA_WGRAD_UNROLL = 8  # se_cuda.cu: weight_grads_kernel's loop is `#pragma unroll 8`
+CUDA_WGRAD_TILE = 32  # se_cuda.cu kWgT: weight_grads_kernel's 32 x 32 output tiles and 32-sample steps
 # ASSUMPTION: scale/grad_input issue the loads of a tile's 4 steps together (se_tiles.h: "4 x 16 B
 # in flight per lane"); each step's loads sit behind branches, so check the SASS
 CUDA_STEPS_IN_FLIGHT = 4
@@ -241,8 +241,10 @@ class Resources:
     def cuda_resident(self, kernel: str, args: Sequence[str], smem: int = 0) -> int:
         """Resident warps/SM of a 256-thread CUDA kernel from its registers (allocated per warp
         in units of 256, 16384 per sub-partition) and shared memory (+1 KiB per block)."""
+        # flag-specialised: the set of their arguments is ambiguous
         exact = ("scale_kernel", "grad_input_kernel", "channel_sums_kernel", "streamed_forward_kernel",
-                 "streamed_backward_kernel")  # flag-specialised: the set of their arguments is ambiguous
+                 "streamed_backward_kernel", "flat_scale_kernel", "flat_grad_input_kernel", "flat_sums_kernel",
+                 "flat_streamed_forward_kernel", "flat_streamed_backward_kernel")
         key = tuple(args) if kernel in exact else frozenset(args)
         regs, static = self.cuda.get((kernel, key), (None, 0))
         if regs is None:
@@ -479,6 +481,24 @@ def cuda_tiles(p: Problem) -> Tuple[int, int]:
     return cdiv(p.site.n * p.site.c * chunks, CUDA_THREADS // 32), l / chunks
 
 
+CUDA_FLAT_STEPS = 8  # se_tiles.h kFlatSteps: vector steps of a flat tile at most
+CUDA_FLAT_MAX_L = 256  # se_tiles.h kFlatMaxL
+# se_cuda.cu flat_stream_smem<float>(): the flat streamed kernels' dynamic shared memory, 8 warps x
+# FlatStreamShared<float> (the larger member, FlatSumsShared: 2 x 128 partials + 65 image words)
+CUDA_FLAT_STREAM_SMEM = 8 * (2 * 128 * 4 + 65 * 4)
+
+
+def cuda_flat(p: Problem) -> Optional[Tuple[int, int]]:
+    """(rows per tile, tiles per sample) of se_tiles.h's flat tiles where they apply (NCHW, pointers
+    assumed aligned, C a multiple of the vector width, width <= H*W <= kFlatMaxL): make_flat_tiles,
+    the most whole rows (a multiple of the width, <= 32) within kFlatSteps vector steps; else None."""
+    c, l, width = p.site.c, p.site.h * p.site.w, 16 // p.elem
+    if c % width or not width <= l <= CUDA_FLAT_MAX_L:
+        return None
+    rows = max(width, min(min(CUDA_FLAT_STEPS * 32 * width // l, 32) // width * width, cdiv(c, width) * width))
+    return rows, cdiv(c, rows)
+
+
 def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     """se_forward_cuda / se_backward_cuda's launches (always split): channel_sums -> hidden ->
     logits -> scale, or channel_sums (dot) -> dz1 -> dp -> grad_input -> weight_grads [-> _sum]."""
@@ -493,12 +513,26 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     # channel_sums: one warp per channel, lanes along the pixels, 16-byte loads when H*W is a multiple
     # of the vector width (pointers assumed aligned), else one element a lane; CUDA_UNROLL in flight
     per_elem = 2 * e + (1 / 8 if p.residual else 0) if back else e
-    sums_width = 16 // e if l % (16 // e) == 0 else 1
-    sums_variant = (args[0], "float" if len(args) == 1 else args[1], "true" if sums_width > 1 else "false")
-    ks.append(Kernel("channel_sums", cblocks * splits * n, warps,
-                     res.cuda_resident("channel_sums_kernel", sums_variant),
-                     min(CUDA_UNROLL * 32 * sums_width, per_split) * per_elem, 2 * xb + mask if back else xb,
-                     n * splits * c * acc))
+    flat = cuda_flat(p)
+    relu = "true" if p.residual else "false"
+    if flat is not None:
+        # flat_sums_kernel: a warp per flat tile (whole rows, one split), a round of CUDA_STEPS_IN_FLIGHT
+        # vector steps' loads out at a time
+        rows, per_sample = flat
+        splits = 1
+        tile = c * l / per_sample  # elements of an average tile
+        variant = (args[0], "float", "true" if back else "false", relu if back else "false")
+        ks.append(Kernel("flat_sums", cdiv(n * per_sample, warps), warps,
+                         res.cuda_resident("flat_sums_kernel", variant),
+                         min(CUDA_STEPS_IN_FLIGHT * 32 * 16 // e, tile) * per_elem, 2 * xb + mask if back else xb,
+                         n * c * acc))
+    else:
+        sums_width = 16 // e if l % (16 // e) == 0 else 1
+        sums_variant = (args[0], "float" if len(args) == 1 else args[1], "true" if sums_width > 1 else "false")
+        ks.append(Kernel("channel_sums", cblocks * splits * n, warps,
+                         res.cuda_resident("channel_sums_kernel", sums_variant),
+                         min(CUDA_UNROLL * 32 * sums_width, per_split) * per_elem, 2 * xb + mask if back else xb,
+                         n * splits * c * acc))
     # the MLP: two GEMMs over blocks of 8 samples x 32 outputs, the inner dimension 32 at a time
     # through shared memory, 4 such tiles per pass: each weight read once per sample block; round
     # trips: one per pass (its loads in flight together), the first GEMM's also summing the splits
@@ -510,15 +544,20 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
     ks.append(Kernel(second[:-7], n_blocks * cdiv(c, 32), warps, res.cuda_resident(second, args), 0.0, 0.0,
                      n_blocks * sq * c * e + cdiv(c, 32) * n * sq * acc + 2 * n * c * acc, cdiv(sq, 32 * CUDA_MLP_SUB)))
     # scale / grad_input: a warp per tile, last tile first, CUDA_STEPS_IN_FLIGHT steps' loads out
-    blocks, tile = cuda_tiles(p)
-    width = 16 // e if l % (16 // e) == 0 else 1  # vector path: H*W a multiple of it (pointers assumed aligned)
-    in_flight_elems = min(CUDA_STEPS_IN_FLIGHT * 32 * width, tile)
     loads, hbm, l2 = second_pass(p, reread_l2)
-    name = "grad_input_kernel" if back else "scale_kernel"
-    # the variant: <T, float, vector, pixel_rows (NCHW: false), relu mask[, residual]>
-    relu = "true" if p.residual else "false"
-    flags = ("true" if width > 1 else "false", "false", relu) + (() if back else (relu,))
-    variant = (args[0], "float") + flags
+    if flat is not None:  # flat_scale_kernel / flat_grad_input_kernel<T, float, relu mask[, residual]>
+        rows, per_sample = flat
+        blocks, tile, width = cdiv(n * per_sample, warps), c * l / per_sample, 16 // e
+        name = "flat_grad_input_kernel" if back else "flat_scale_kernel"
+        variant = (args[0], "float", relu) + (() if back else (relu,))
+    else:
+        blocks, tile = cuda_tiles(p)
+        width = 16 // e if l % (16 // e) == 0 else 1  # vector path: H*W a multiple of it (pointers assumed aligned)
+        name = "grad_input_kernel" if back else "scale_kernel"
+        # the variant: <T, float, vector, pixel_rows (NCHW: false), relu mask[, residual]>
+        flags = ("true" if width > 1 else "false", "false", relu) + (() if back else (relu,))
+        variant = (args[0], "float") + flags
+    in_flight_elems = min(CUDA_STEPS_IN_FLIGHT * 32 * width, tile)
     ks.append(Kernel(name[:-7], blocks, warps, res.cuda_resident(name, variant), in_flight_elems * loads / p.numel,
                      hbm, l2 + 2 * n * c * acc))
     if back:
@@ -527,17 +566,20 @@ def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
 
 
 def cuda_weight_grads(p: Problem, res: Resources, args: Tuple[str, ...]) -> List[Kernel]:
-    """weight_grads: a thread per (c, s, chunk of <= 32 samples); dz2, pooled read once per s
-    [-> weight_grads_sum]."""
+    """weight_grads: a block per (32 channels x 32 hidden units, chunk of the batch), the
+    chunk's columns of dz2, pooled, z and dz1 loaded once into shared memory (one L2 round trip a
+    32-sample step) [-> weight_grads_sum]."""
     n, c, sq, e, acc = p.site.n, p.site.c, p.site.s, p.elem, 4
     warps = CUDA_THREADS // 32
-    chunks = cdiv(n, 32)
+    tiles = cdiv(c, CUDA_WGRAD_TILE) * cdiv(sq, CUDA_WGRAD_TILE)
+    chunks = max(1, min(cdiv(n, 32), cdiv(2 * SMS, tiles)))  # se_cuda.cu weight_grad_chunks
     per_chunk = cdiv(n, chunks)
     outputs = 2 * sq * c + sq + c
-    ks = [Kernel("weight_grads", cdiv(c, CUDA_THREADS) * sq * chunks, warps,
+    ks = [Kernel("weight_grads", tiles * chunks, warps,
                  res.cuda_resident("weight_grads_kernel", ("float",) if chunks > 1 else args), 0.0, 0.0,
-                 cdiv(c, CUDA_THREADS) * CUDA_THREADS * sq * n * 2 * acc + chunks * outputs * acc,
-                 cdiv(per_chunk, CUDA_WGRAD_UNROLL))]
+                 tiles * chunks * cdiv(per_chunk, CUDA_WGRAD_TILE) * 4 * CUDA_WGRAD_TILE * CUDA_WGRAD_TILE * acc
+                 + chunks * outputs * acc,
+                 cdiv(per_chunk, CUDA_WGRAD_TILE))]
     if chunks > 1:
         ks.append(Kernel("weight_grads_sum", cdiv(outputs, CUDA_THREADS), warps,
                          res.cuda_resident("weight_grads_sum_kernel", args), 0.0, 0.0,
@@ -574,35 +616,48 @@ def streamed_kernels(p: Problem, dev: Device, sched: dict, programs: int, warps:
 
 
 def cuda_streamed(p: Problem, res: Resources, dev: Device) -> Optional[List[Kernel]]:
-    """se_forward_cuda / se_backward_cuda's streamed plan where it applies (NCHW: H*W a multiple
-    of the 16-byte vector, pointers assumed aligned; the split plan's re-read would miss L2):
-    streamed_kernels (-> the weight-gradient kernels, backward). Items: channel sums of 8
-    channels x ~16 KiB, MLP blocks of 32 outputs, 8 element-wise tiles."""
+    """se_forward_cuda / se_backward_cuda's streamed plan where it applies (NCHW: flat tiles, or
+    H*W a multiple of the 16-byte vector; pointers assumed aligned; the split plan's re-read would
+    miss L2): streamed_kernels (-> the weight-gradient kernels, backward). Items: channel sums of
+    8 channels x ~16 KiB (flat tiles: 8 warps' tiles), MLP blocks of 32 outputs, 8 element-wise
+    tiles."""
     s, e = p.site, p.elem
     n, c, l, sq = s.n, s.c, s.h * s.w, s.s
     width = 16 // e
     back = p.direction == "backward"
-    if l % width or p.reread_fits(dev):  # the split plan's re-read hits L2 already
+    flat = cuda_flat(p)  # flat tiles take precedence where they apply (se_cuda.cu flat_tiles)
+    if (flat is None and l % width) or p.reread_fits(dev):  # the split plan's re-read hits L2 already
         return None
-    splits, per_split = stream_splits(l, e)
-    cblocks = cdiv(c, CUDA_THREADS // 32)
-    tiles_per_sample = c * cdiv(l, 32 * CUDA_STEPS_IN_FLIGHT * width)
-    sched = launch.stream_schedule(n, p.kept_bytes() // n, int(dev.l2_effective), cblocks * splits, cdiv(sq, 32),
-                                   cdiv(c, 32), tiles_per_sample, CUDA_THREADS // 32)
-    if sched is None:
-        return None
+    warps = CUDA_THREADS // 32
+    tensors = 2 if back else 1  # loads one warp has out: a channel-sum step (CUDA_UNROLL x 16 B a lane)
     args = ("float",) if p.dtype == "float32" else (DTYPES[p.dtype][2], "float")
     relu = "true" if p.residual else "false"
-    name = "streamed_backward_kernel" if back else "streamed_forward_kernel"
-    resident = res.cuda_resident(name, (args[0], "float", "false", relu) + (() if back else (relu,)))
-    warps = CUDA_THREADS // 32
+    if flat is not None:  # flat_streamed_*_kernel: pool and apply items of 8 warps' flat tiles, one split
+        _rows, per_sample = flat
+        splits, tile = 1, c * l / per_sample
+        sched = launch.stream_schedule(n, p.kept_bytes() // n, int(dev.l2_effective), per_sample, cdiv(sq, 32),
+                                       cdiv(c, 32), per_sample, warps, per_pool_item=warps)
+        name = "flat_streamed_backward_kernel" if back else "flat_streamed_forward_kernel"
+        resident = res.cuda_resident(name, (args[0], "float", relu) + (() if back else (relu,)),
+                                     smem=CUDA_FLAT_STREAM_SMEM)
+        load_per_warp = min(CUDA_STEPS_IN_FLIGHT * 32 * width, tile) * e * tensors
+        pool_item = warps * tile * e * tensors
+    else:
+        splits, per_split = stream_splits(l, e)
+        cblocks = cdiv(c, CUDA_THREADS // 32)
+        tiles_per_sample = c * cdiv(l, 32 * CUDA_STEPS_IN_FLIGHT * width)
+        sched = launch.stream_schedule(n, p.kept_bytes() // n, int(dev.l2_effective), cblocks * splits,
+                                       cdiv(sq, 32), cdiv(c, 32), tiles_per_sample, warps)
+        name = "streamed_backward_kernel" if back else "streamed_forward_kernel"
+        resident = res.cuda_resident(name, (args[0], "float", "false", relu) + (() if back else (relu,)))
+        load_per_warp = min(CUDA_UNROLL * 32 * 16, per_split * e) * tensors
+        pool_item = warps * per_split * e * tensors
+    if sched is None:
+        return None
     programs = min(sched["items"], dev.sms * (resident // warps))
-    tensors = 2 if back else 1  # loads one warp has out: a channel-sum step (CUDA_UNROLL x 16 B a lane)
-    load_per_warp = min(CUDA_UNROLL * 32 * 16, per_split * e) * tensors
     # GEMM round trips: one per pass over 128 of C (plus the partial sums), of S (plus hidden)
     trips = cdiv(c, 32 * CUDA_MLP_SUB) + cdiv(sq, 32 * CUDA_MLP_SUB) + 2
-    ks = streamed_kernels(p, dev, sched, programs, warps, resident, load_per_warp, warps * per_split * e * tensors,
-                          trips, splits)
+    ks = streamed_kernels(p, dev, sched, programs, warps, resident, load_per_warp, pool_item, trips, splits)
     if back:
         ks += cuda_weight_grads(p, res, args)
     return ks
@@ -892,8 +947,12 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "CUDA channel_sums: 16 bytes per lane and iteration when H*W is a multiple of the vector width (else one "
     "element), CUDA_UNROLL iterations in flight (`#pragma unroll 4`; ASSUMPTION: the loads are issued together).",
     "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "
-    "aligned), else the scalar path; tiles never span rows, so a 7x7 row is one 49-element warp tile; on the "
-    "16-byte path a tile's loads are issued before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",
+    "aligned), else the scalar path; row tiles never span rows; on the 16-byte path a tile's loads are issued "
+    "before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",
+    "CUDA flat tiles (split plan; NCHW, C a multiple of the vector width, width <= H*W <= 256: 7x7, 14x14): "
+    "flat_sums / flat_scale / flat_grad_input, a warp per tile of whole rows (cuda_flat: at most 32 rows in "
+    "CUDA_FLAT_STEPS 16-byte steps), one split, CUDA_STEPS_IN_FLIGHT steps' loads out at a time (the SASS: a "
+    "round's LDG.128s precede its math); the per-row values and relu bits through shared memory, not counted.",
     "CUDA MLP: hidden/logits (backward dz1/dp) over blocks of 8 samples x 32 outputs, the inner dimension 32 "
     f"at a time through shared memory, {CUDA_MLP_SUB} such tiles per pass; each weight read once per sample "
     "block; one L2 round trip per pass.",
@@ -902,8 +961,10 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "table's streamed_*_kernel row; bytes in flight as the channel sums' loads. Hand-off between stages: "
     f"{STREAM_HANDOFF_TRIPS} L2 round trips + {STREAM_SLEEP * 1e9:.0f} ns (ASSUMPTION: fence, atomic, "
     "acquire poll, half a __nanosleep).",
-    "CUDA weight_grads: dz2 and pooled are read once per s (S times over), counted as L2 bytes; "
-    "`#pragma unroll 8`: 8 samples per round trip; a second kernel adds the chunks when N > 32.",
+    "CUDA weight_grads: 32 x 32 (channel, unit) tiles of both weight gradients per block, each block "
+    "loading its columns of dz2, pooled, z and dz1 once per 32-sample step (L2 bytes; one round trip a "
+    "step); the batch in as few chunks of >= 32 samples as give 2 blocks per SM, added by a second kernel "
+    "where there are several.",
     "The (N, C)/(N, S) vectors, partial sums and weight gradients count as L2 traffic (small next to x).",
 )
 

@@ -34,7 +34,8 @@ def test_floor_hand_computed():
 
 def _second_pass(p: Problem, backend: str):
     pred = predict(p, backend, Device(), Resources.load())
-    second = [k for k in pred.kernels if k.name in ("scale", "grad_input")]  # the element-wise pass
+    # the element-wise pass (CUDA flat tiles on 8x8 maps: flat_scale, flat_grad_input)
+    second = [k for k in pred.kernels if k.name.replace("flat_", "") in ("scale", "grad_input")]
     assert len(second) == 1, [k.name for k in pred.kernels]
     return pred, second[0]
 
@@ -42,14 +43,15 @@ def _second_pass(p: Problem, backend: str):
 def test_reread_hits_l2_only_when_it_fits():
     """The split plans re-read x from L2 only if everything the batch touches fits; where it does
     not, the streamed plans run (both backends, HBM bytes = the floor's), except where they cannot
-    (CUDA: 7x7 rows, not a multiple of the 16-byte vector), and there the re-read is HBM."""
+    (CUDA: 7x7 rows, not a multiple of the 16-byte vector, with C no multiple of it either: no flat
+    tiles), and there the re-read is HBM."""
     dev = Device()
     for backend in ("triton", "cuda"):
         # x + y = 16.8 MB <= 30 MB: the scale pass reads x from L2, writes y to HBM
         small = Problem(CIFAR_8, "float32", "none", "forward")
         assert small.reread_fits(dev)
         pred, scale = _second_pass(small, backend)
-        assert pred.reread == "L2" and scale.name == "scale"
+        assert pred.reread == "L2" and scale.name.replace("flat_", "") == "scale"
         assert scale.hbm == small.x_bytes and scale.l2 >= small.x_bytes
         assert pred.hbm_bytes == small.floor_bytes()
         # x + y = 205.5 MB; backward dy + x + dx + d_residual + mask = 33.8 MB > 30 MB
@@ -58,7 +60,7 @@ def test_reread_hits_l2_only_when_it_fits():
             assert not big.reread_fits(dev)
             pred = predict(big, backend, dev, Resources.load())
             assert pred.reread == "L2 (streamed)" and pred.hbm_bytes == big.floor_bytes(), backend
-    odd = Problem(Site(256, 2048, 7, 7, 128), "float32", "residual_relu", "backward")
+    odd = Problem(Site(256, 2050, 7, 7, 128), "float32", "residual_relu", "backward")
     pred, grad_input = _second_pass(odd, "cuda")
     assert grad_input.name == "grad_input" and pred.reread == "HBM"
     assert grad_input.hbm == 3 * odd.x_bytes + odd.mask_bytes  # dy, mask read; dx, d_residual written
@@ -68,7 +70,8 @@ def test_reread_hits_l2_only_when_it_fits():
 
 def test_cuda_streams_where_the_split_plan_would_miss():
     """CUDA: the streamed plan wherever the split plan's re-read would miss and the 16-byte paths
-    apply; its HBM bytes are the floor's. 7x7 rows (49 pixels) keep the split plan."""
+    or flat tiles apply; its HBM bytes are the floor's. 7x7 rows (49 pixels) stream on flat tiles
+    where C is a multiple of the vector width, and keep the split plan where it is not."""
     dev, backend = Device(), "cuda"
     for direction in ("forward", "backward"):
         # CIFAR_8 backward: 33.8 MB touched (the forward's 25.4 MB fit: split plan, L2 re-read)
@@ -79,8 +82,12 @@ def test_cuda_streams_where_the_split_plan_would_miss():
             assert names[:2] == ["zero_counters", "streamed"] and pred.reread == "L2 (streamed)", names
             assert pred.hbm_bytes == p.floor_bytes()
             assert (direction == "backward") == ("weight_grads" in names)
-        odd = Problem(Site(256, 2048, 7, 7, 128), "float32", "none", direction)
-        assert not odd.reread_fits(dev)
+        flat = Problem(Site(256, 2048, 7, 7, 128), "float32", "none", direction)
+        pred = predict(flat, backend, dev, Resources.load())
+        assert pred.reread == "L2 (streamed)" and pred.hbm_bytes == flat.floor_bytes()
+        assert gpu_model.cuda_flat(flat) == (20, 103)  # se_tiles.h make_flat_tiles: 980-element tiles
+        odd = Problem(Site(256, 2050, 7, 7, 128), "float32", "none", direction)
+        assert not odd.reread_fits(dev) and gpu_model.cuda_flat(odd) is None
         assert predict(odd, backend, dev, Resources.load()).reread == "HBM"
 
 
@@ -117,11 +124,16 @@ def test_stream_schedule_is_the_kernels(tmp_path):
                 shapes.append((site.n, p.kept_bytes() // site.n, int(dev.l2_effective),
                                -(-site.c // 8) * splits, -(-site.s // 32), -(-site.c // 32),
                                site.c * -(-l // (32 * gpu_model.CUDA_STEPS_IN_FLIGHT * width))))
+                flat = gpu_model.cuda_flat(p)
+                if flat is not None:  # the flat tiles' schedule: pool and apply items of 8 warps' tiles
+                    shapes.append((site.n, p.kept_bytes() // site.n, int(dev.l2_effective), flat[1],
+                                   -(-site.s // 32), -(-site.c // 32), flat[1], 8))
     streamed = 0
     for shape in shapes:
         out = (ctypes.c_int64 * 12)()
-        applies = lib.se_stream_schedule((ctypes.c_int64 * 8)(*shape, 8), out)
-        model = gpu_model.launch.stream_schedule(*shape, 8)
+        pool_item = 8 if len(shape) == 8 else 1
+        applies = lib.se_stream_schedule((ctypes.c_int64 * 9)(*shape[:7], 8, pool_item), out)
+        model = gpu_model.launch.stream_schedule(*shape[:7], 8, per_pool_item=pool_item)
         assert (model is not None) == bool(applies), shape
         if model is not None:
             streamed += 1

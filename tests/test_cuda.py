@@ -95,11 +95,13 @@ def test_aoti_package_gpu(tmp_path):
     aoti_package_matches_eager("cuda", tmp_path)
 
 
-@pytest.mark.parametrize("n", [33, 70, 129])
-def test_weight_grads_over_batch_chunks(n):
-    """Over 32 samples the weight gradients are summed in chunks of the batch, then the chunks
-    added in order (weight_grads_kernel + weight_grads_sum_kernel)."""
-    case = Case((n, 40, 3, 3), 10, "hardswish", "sigmoid", True, False, None)
+@pytest.mark.parametrize("n,c,squeeze", [(33, 40, 10), (70, 40, 10), (129, 40, 10), (70, 2048, 160), (5, 72, 33)])
+def test_weight_grads_over_batch_chunks(n, c, squeeze):
+    """The weight gradients as 32 x 32 (channel, unit) tiles over the batch, 32 samples a step:
+    few tiles split the batch into chunks whose sums weight_grads_sum_kernel adds in order (C = 40:
+    2 tiles); 2048 x 160 (320 tiles) fills the GPU with one chunk of 70 samples (3 steps, the last
+    partial); 72 x 33: partial tiles on both axes."""
+    case = Case((n, c, 3, 3), squeeze, "hardswish", "sigmoid", True, False, None)
     check(case, torch.float32, fresh_seed(), backend="cuda")
     check(case, torch.float64, fresh_seed(), backend="cuda")
 
@@ -118,8 +120,9 @@ def _shifted(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def test_unaligned_tensors_give_the_same_bits(dtype, channels_last):
     """The element-wise kernels use 16-byte accesses only when every tensor they touch is 16-byte
     aligned; tensors starting one element into their storage take the scalar path, which must
-    compute the same bits (the same per-element math)."""
-    case = Case((3, 24, 8, 8), 6, "silu", "sigmoid", True, True, "relu", channels_last)
+    compute the same bits (the same per-element math). 17x17 rows: longer than flat tiles take
+    (their channel sums add in another order: test_flat_tiles)."""
+    case = Case((3, 24, 17, 17), 6, "silu", "sigmoid", True, True, "relu", channels_last)
     inputs = to_device(make_inputs(case, dtype, fresh_seed()))
     dy = torch.randn(case.shape, device="cuda", dtype=dtype)
     if channels_last:
@@ -134,6 +137,41 @@ def test_unaligned_tensors_give_the_same_bits(dtype, channels_last):
     y2.backward(_shifted(dy, channels_last))
     assert torch.equal(y2, y)
     assert torch.equal(x.grad, grads["x"]) and torch.equal(res.grad, grads["residual"])
+
+
+FLAT_CASES = [  # se_tiles.h flat tiles: NCHW, C a multiple of 16 bytes' elements, 8 (bf16) <= H*W <= 256
+    Case((5, 56, 7, 7), 14, "silu", "sigmoid", True, True, "relu"),   # float32: tiles of 20, 20, 16 rows
+    Case((3, 24, 14, 14), 6, "relu", "hardsigmoid", False, False, None),
+    Case((4, 40, 3, 3), 10, "gelu", "sigmoid", True, True, "relu"),
+]
+
+
+@pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: "x".join(map(str, c.shape)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_flat_tiles(case, dtype):
+    """Short NCHW rows (7x7, 14x14, 3x3) take flat tiles (flat_sums_kernel, flat_scale_kernel,
+    flat_grad_input_kernel): against the float64 reference, and against the row tiles that the
+    same values one element into their storage take (unaligned: no 16-byte accesses)."""
+    seed = fresh_seed()
+    check(case, dtype, seed, backend="cuda")
+    inputs = to_device(make_inputs(case, dtype, seed))
+    dy = torch.randn(case.shape, device="cuda", dtype=dtype)
+    names = _kernel_names(lambda: run(fused_se, inputs, dy, case, backend="cuda"))
+    for kernel in ("flat_sums_kernel", "flat_scale_kernel", "flat_grad_input_kernel"):
+        assert any(kernel in n for n in names), (kernel, [n for n in names if "kernel" in n])
+    y, grads = run(fused_se, inputs, dy, case, backend="cuda")
+    x = _shifted(inputs["x"], False).requires_grad_()
+    res = _shifted(inputs["residual"], False).requires_grad_() if inputs["residual"] is not None else None
+    names = _kernel_names(lambda: fused_se(x, inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], residual=res,
+                                           backend="cuda", **case.options()))
+    assert not any("flat_" in n for n in names), [n for n in names if "kernel" in n]
+    y2 = fused_se(x, inputs["w1"], inputs["b1"], inputs["w2"], inputs["b2"], residual=res, backend="cuda",
+                  **case.options())
+    y2.backward(_shifted(dy, False))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)  # the channel sums' order differs
+    assert rel_err(y2, y) < tol and rel_err(x.grad, grads["x"]) < tol
+    if res is not None:
+        assert rel_err(res.grad, grads["residual"]) < tol
 
 
 @pytest.mark.parametrize("shape,squeeze", [((3, 13000, 1, 1), 40), ((17, 72, 2, 3), 37), ((9, 33, 4, 4), 70)])
@@ -156,10 +194,12 @@ def _kernel_names(fn) -> List[str]:
 
 
 STREAM_CASES = [  # the 16-byte paths: H*W (NCHW) or C (channels_last) a multiple of 8 elements
-    Case((37, 40, 4, 6), 10, "silu", "sigmoid", True, True, "relu", False),
+    Case((37, 40, 4, 6), 10, "silu", "sigmoid", True, True, "relu", False),  # NCHW: flat tiles (H*W <= 256)
     Case((21, 64, 5, 5), 16, "relu", "hardsigmoid", False, False, None, True),
-    Case((9, 200, 16, 16), 12, "gelu", "sigmoid", True, False, None, False),
+    Case((9, 200, 16, 16), 12, "gelu", "sigmoid", True, False, None, False),  # flat tiles
     Case((50, 136, 2, 4), 70, "hardswish", "sigmoid", True, True, "relu", True),
+    Case((11, 24, 16, 20), 6, "silu", "sigmoid", True, True, "relu", False),  # NCHW row tiles (320 pixels)
+    Case((13, 56, 7, 7), 14, "relu", "sigmoid", True, True, "relu", False),  # 7x7: flat tiles only
 ]
 
 
@@ -187,6 +227,11 @@ def test_streamed_plan(monkeypatch, case, dtype, fit):
         names = _kernel_names(lambda: run(fused_se, inputs, dy, case, backend="cuda"))
         ran = any("streamed_forward_kernel" in n for n in names), any("streamed_backward_kernel" in n for n in names)
         assert ran == ((plan == "streamed"),) * 2, (plan, [n for n in names if "kernel" in n])
+        if plan == "streamed":  # flat tiles (se_tiles.h flat_tiles_apply) or row tiles
+            _, c, h, w = case.shape
+            width = 16 // torch.empty((), dtype=dtype).element_size()
+            flat = not case.channels_last and c % width == 0 and width <= h * w <= 256
+            assert any("flat_streamed_forward_kernel" in n for n in names) == flat, names
         outs[plan] = run(fused_se, inputs, dy, case, backend="cuda")
         if plan == "streamed":
             check(case, dtype, seed, backend="cuda")

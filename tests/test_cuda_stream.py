@@ -63,7 +63,8 @@ def lib(tmp_path_factory):
 
 
 def _shape(*values):
-    return (ctypes.c_int64 * 8)(*values)
+    """StreamShape's 9 fields (pool_tiles_per_block 1 where left out)."""
+    return (ctypes.c_int64 * 9)(*values, *([1] if len(values) == 8 else []))
 
 
 def schedule(lib, *shape):
@@ -82,10 +83,12 @@ def run(lib, shape, workers, seed):
 
 
 # (N, kept bytes per sample, L2 budget, pool items per sample, first-GEMM items, second-GEMM items,
-#  apply tiles per sample, tiles per block): small ones with partial last groups, a lag of every
-# group (the batch fits), one item per stage; and the ImageNet SE-ResNet-50 stage-1 site at batch 256
-# (bfloat16: x = 1.6 MB a sample; 32 channel blocks x 4 pixel splits; 1 + 8 MLP blocks; 256 rows
-# x 4 tiles)
+#  apply tiles per sample, tiles per block[, pool tiles per block]): small ones with partial last
+# groups, a lag of every group (the batch fits), one item per stage; the ImageNet SE-ResNet-50
+# stage-1 site at batch 256 (bfloat16: x = 1.6 MB a sample; 32 channel blocks x 4 pixel splits;
+# 1 + 8 MLP blocks; 256 rows x 4 tiles); flat tiles (se_tiles.h), whose pool items are 8 warps'
+# tiles as the apply items are: odd tile counts, and stage 4 at batch 256 in bfloat16 (2048 rows of
+# 7x7 in 64 tiles of 32 rows a sample)
 SHAPES = [
     (37, 1000, 30000, 3, 1, 2, 5, 8),
     (9, 1000, 5000, 2, 2, 3, 17, 8),
@@ -95,6 +98,9 @@ SHAPES = [
     (9, 10, 89, 1, 1, 1, 1, 8),
     (12, 10, 1000, 2, 1, 3, 7, 8),
     (256, 256 * 3136 * 2, 30 * 2**20, 128, 1, 8, 1024, 8),
+    (37, 1000, 30000, 13, 1, 2, 13, 8, 8),
+    (20, 1000, 9000, 3, 2, 1, 3, 8, 8),
+    (256, 2048 * 49 * 2, 30 * 2**20, 64, 4, 64, 64, 8, 8),
 ]
 
 
@@ -145,7 +151,7 @@ def test_thread_sanitizer(tmp_path):
     assert probe.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("shape", SHAPES[:6], ids=lambda s: f"N{s[0]}-fit{s[2] // s[1]}")
+@pytest.mark.parametrize("shape", SHAPES[:6] + SHAPES[8:10], ids=lambda s: f"N{s[0]}-fit{s[2] // s[1]}")
 def test_schedule_is_the_python_and_triton_one(lib, shape):
     """se_kernels/triton/launch.py stream_schedule gives the same schedule, and the Triton streamed
     kernels' item decoding (kernels._stream_item; run by Triton, in its interpreter without a GPU)
@@ -157,7 +163,7 @@ def test_schedule_is_the_python_and_triton_one(lib, shape):
     from se_kernels.triton import launch
 
     s = schedule(lib, *shape)
-    py = launch.stream_schedule(*shape)
+    py = launch.stream_schedule(*shape)  # (flat shapes: per_pool_item as the ninth argument)
     assert {k: s[k] for k in py} == py
     out = (ctypes.c_int64 * (3 * s["items"]))()
     assert lib.se_stream_items(_shape(*shape), out) == s["items"]

@@ -4,8 +4,9 @@ host C++ compiler (no GPU, no CUDA toolkit) and walks every (block, warp, lane, 
 element-wise launches (scale_kernel, grad_input_kernel) exactly as the kernels do. Checked: each
 output element written exactly once, every access inside its row and tile, vector accesses
 aligned, each element's gate index that of its (sample, channel), each relu-mask byte written
-exactly once from the 8 elements it holds; and the per-element math against the float64
-reference."""
+exactly once from the 8 elements it holds; the same for the flat tiles of short NCHW rows
+(se_walk_flat: rows, the relu-bit image, the multiply-high division); and the per-element math
+against the float64 reference."""
 
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def lib(tmp_path_factory):
     lib.se_walk.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64,
                             ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_int]
     lib.se_walk.restype = ctypes.c_int
+    lib.se_walk_flat.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64,
+                                 ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_int]
+    lib.se_walk_flat.restype = ctypes.c_int
+    lib.se_flat_division.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.se_flat_division.restype = ctypes.c_int
+    lib.se_flat_plan.argtypes = [i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(i64),
+                                 ctypes.POINTER(i64)]
+    lib.se_flat_plan.restype = ctypes.c_int
     dptr = ctypes.POINTER(ctypes.c_double)
     lib.se_math.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, dptr, dptr, dptr, dptr]
     lib.se_math.restype = None
@@ -80,6 +89,71 @@ def test_large_shapes_first_and_last_blocks(lib, shape, pixel_rows):
     for width, vector in ((4, True), (8, False)):
         blocks = walk(lib, n, c, l, pixel_rows, width, vector, True, first=300, last=300)
         assert 1 <= blocks <= 2**31 - 1
+
+
+# flat tiles (NCHW rows of at most 256 pixels, C a multiple of the width): (N, C, L)
+FLAT_SHAPES = [(2, 24, 49), (3, 40, 81), (2, 2048, 49), (1, 16, 196), (2, 56, 196), (3, 8, 9), (1, 8, 8),
+               (2, 72, 25), (1, 32, 256), (2, 48, 255), (1, 8, 2), (5, 16, 3), (2, 24, 100), (1, 1024, 14)]
+ROUNDS = {2: 2, 4: 4, 8: 4}  # se_cuda.cu flat_round: steps whose loads go together (double: 2)
+
+
+def flat_plan(lib, n, c, l, width, pixel_rows=False, aligned=True):
+    rows, per_sample = ctypes.c_int64(), ctypes.c_int64()
+    ok = lib.se_flat_plan(n, c, l, int(pixel_rows), width, int(aligned), ctypes.byref(rows), ctypes.byref(per_sample))
+    return (rows.value, per_sample.value) if ok else None
+
+
+@pytest.mark.parametrize("shape", FLAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", list(WIDTHS))
+def test_flat_tiles_every_element_once(lib, shape, dtype):
+    """Each element written once with its own row's gate, the relu bits through the image into the
+    rows' mask bytes and back, every access inside its tile and on a vector."""
+    n, c, l = shape
+    width = WIDTHS[dtype]
+    if c % width or l < width:
+        assert flat_plan(lib, n, c, l, width) is None
+        return
+    msg = ctypes.create_string_buffer(256)
+    blocks = ctypes.c_int64()
+    for reversed_ in (1, 0):
+        rc = lib.se_walk_flat(n, c, l, width, ROUNDS[width], reversed_, -1, 0, ctypes.byref(blocks), msg, len(msg))
+        assert rc == 0, f"{shape} width={width}: {msg.value.decode()}"
+
+
+def test_flat_tiles_plan(lib):
+    """Where flat tiles apply (NCHW, aligned, C a multiple of the width, width <= L <= 256) and how
+    large they are: the most whole rows (a multiple of the width, at most 32) in 8 vector steps."""
+    assert flat_plan(lib, 256, 2048, 49, 4) == (20, 103)  # 980 of 1024 elements
+    assert flat_plan(lib, 256, 2048, 49, 8) == (32, 64)   # 1568 of 2048
+    assert flat_plan(lib, 256, 1024, 196, 4) == (4, 256)
+    assert flat_plan(lib, 256, 1024, 196, 8) == (8, 128)
+    assert flat_plan(lib, 2, 8, 49, 8) == (8, 1)
+    assert flat_plan(lib, 2, 2048, 49, 4, pixel_rows=True) is None
+    assert flat_plan(lib, 2, 2048, 49, 4, aligned=False) is None
+    assert flat_plan(lib, 2, 2044, 49, 8) is None  # C not a multiple of the width
+    assert flat_plan(lib, 2, 64, 257, 4) is None   # longer rows keep row tiles
+    assert flat_plan(lib, 2, 64, 3, 4) is None     # a vector would span three rows
+    for l in range(4, 257):
+        rows, _ = flat_plan(lib, 1, 4096, l, 4)
+        assert rows % 4 == 0 and 4 <= rows <= 32 and rows * l <= 8 * 32 * 4
+
+
+def test_flat_row_division(lib):
+    """flat_row's multiply-high is d / L for every row length and tile offset (exhaustive)."""
+    msg = ctypes.create_string_buffer(256)
+    assert lib.se_flat_division(msg, len(msg)) == 0, msg.value.decode()
+
+
+@pytest.mark.parametrize("shape", [(2**20, 8, 49), (4096, 2048, 49), (2, 2**28, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_flat_tiles_large_first_and_last_blocks(lib, shape):
+    """int64 offsets past 2^31 elements: the first and last 300 blocks."""
+    n, c, l = shape
+    msg = ctypes.create_string_buffer(256)
+    blocks = ctypes.c_int64()
+    rc = lib.se_walk_flat(n, c, l, 4, 4, 1, 300, 300, ctypes.byref(blocks), msg, len(msg))
+    assert rc == 0, msg.value.decode()
+    assert 1 <= blocks.value <= 2**31 - 1
 
 
 def math(lib, which, code, dtype, u, v=None, w=None):

@@ -7,8 +7,11 @@
 //             -> scale (y = out_act(x * g + residual) and the relu mask, one warp per tile of a
 //                row, 16-byte accesses, the tiles walked backwards: csrc/cuda/se_tiles.h)
 //   backward: channel_sums of dy' * x -> dz1 (dz2, gates, dz1, act(hidden)) -> dp ->
-//             grad_input (dx, d_residual; tiles as scale's) -> weight_grads (one thread per
-//             weight over a chunk of the batch, the chunks then added in order)
+//             grad_input (dx, d_residual; tiles as scale's) -> weight_grads (32 x 32 tiles of
+//             both weight gradients per block over a chunk of the batch, the chunks then added in
+//             order)
+// Flat tiles (csrc/cuda/se_tiles.h; NCHW rows of at most 256 pixels, 7x7 and 14x14): channel sums,
+// scale and grad_input over runs of whole rows in 16-byte vectors, in either plan.
 // Streamed plan (csrc/cuda/se_stream.h; batches whose bytes exceed half the L2, 16-byte paths,
 // not double): the same first four stages per group of samples, as the work items of one
 // persistent kernel, so that the element-wise pass re-reads x (backward: dy) from L2, not HBM.
@@ -607,35 +610,402 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(const T* __restric
   grad_input_tile<T, A, kVector, kPixelRows, kMasked>(dy, mask, gates, dp, dx, dres, t, row_bytes, tile);
 }
 
+// ---- flat tiles (csrc/cuda/se_tiles.h): NCHW rows of at most kFlatMaxL pixels -----------------
+//
+// A warp takes `rows` whole rows of a sample as one run of 16-byte vectors, kTileSteps steps' loads
+// in flight at a time (two rounds at most; double: four of half as many steps). The tile's per-row
+// values (gates; backward also dp) are staged in the warp's shared memory; a vector's elements take
+// its first element's row r's, from `split` on row r + 1's (two shared loads). No warp-synchronous
+// instructions in the steps (shuffles there cost divergence fallbacks in every step's code): the
+// forward's relu bits go into a shared-memory bit image of the tile (element order) by shared
+// atomic ORs (a lane's W bits lie in one word, at the same shift every step), then lane j writes
+// row j's mask bytes from it; the backward first builds the image from the rows' bytes, then each
+// vector reads its W bits from one word.
+
+// A warp's shared memory for one flat tile.
+template <typename A>
+struct FlatShared {
+  A rows[2][tiles::kFlatMaxRows + 1];         // per-row values (gates, dp); + 1: a vector's next row
+  uint32_t image[tiles::kFlatImageWords];    // relu bits, one per element of the tile
+};
+
+// Steps whose loads are issued together (double: half as many; four ahead spilled, ptxas sm_90).
+template <typename T>
+constexpr int flat_round() {
+  return sizeof(T) == 8 ? tiles::kTileSteps / 2 : tiles::kTileSteps;
+}
+
+// Stage the tile's per-row values of `v` (rows row0 ..) in `out`, and clear the bit image (the
+// tile's bits and the slack word past them) when `image`.
+template <bool kStreamed, typename A>
+__device__ __forceinline__ void flat_stage(A* __restrict__ out, const A* __restrict__ v, const tiles::FlatTile& tile,
+                                           int lane) {
+  if (lane < tile.rows) out[lane] = load_vector<kStreamed>(v + tile.row0 + lane);
+}
+
+__device__ __forceinline__ void flat_clear_image(uint32_t* __restrict__ image, int size, int lane) {
+  for (int w = lane; w <= (size >> 5) + 1 && w < tiles::kFlatImageWords; w += 32) image[w] = 0;
+}
+
+// `p`, computed here once: ptxas otherwise rebuilds a per-lane pointer from the kernel parameter in
+// every predicated step (3 instructions a load).
+template <typename P>
+__device__ __forceinline__ P* flat_pin(P* p) {
+  asm volatile("" : "+l"(p));
+  return p;
+}
+
+// Zero packs that are loaded under a predicate, for 2-byte types: left uninitialised there, nvcc
+// kept one 2-byte element of a partly used pack in local memory (ptxas sm_90: stack frames in the
+// bfloat16 variants); for wider types zeroing only costs instructions.
+template <typename E, int W, int K>
+__device__ __forceinline__ void flat_zero_narrow(Pack<E, W> (&packs)[K]) {
+  if constexpr (sizeof(E) == 2) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) packs[k] = Pack<E, W>{};
+  }
+}
+
+// The backward's bit image of a tile from its rows' relu-mask bytes (lane j: row j's; bits past a
+// row's end dropped), ready for the whole warp.
+__device__ __forceinline__ void flat_image_from_mask(uint32_t* __restrict__ image, const uint8_t* __restrict__ mask,
+                                                     const tiles::FlatTiles& f, const tiles::FlatTile& tile,
+                                                     int lane) {
+  flat_clear_image(image, tile.size, lane);
+  __syncwarp();
+  if (lane < tile.rows) {
+    const uint8_t* __restrict__ mr = mask + (tile.row0 + lane) * f.row_bytes;
+    for (int b = 0; b < f.row_bytes; ++b)
+      tiles::flat_image_add_byte(image, static_cast<int>(lane * f.L + 8 * b),
+                                 unsigned(mr[b]) & ((1u << tiles::flat_byte_bits(f.L, b)) - 1u),
+                                 [](uint32_t* p, unsigned v) { atomicOr(p, v); });
+  }
+  __syncwarp();
+}
+
+// Each element's per-row value: row r's before `split`, row r + 1's from it (split >= 1: the
+// first element is in row r).
+template <typename A, int W>
+__device__ __forceinline__ Pack<A, W> flat_per_element(const A* __restrict__ rows, int r, int split) {
+  const A a = rows[r], b = rows[r + 1];
+  Pack<A, W> out;
+  out.v[0] = a;
+#pragma unroll
+  for (int k = 1; k < W; ++k) out.v[k] = k < split ? a : b;
+  return out;
+}
+
+template <typename T, typename A, bool kRelu, bool kRes, bool kStreamed = false>
+__device__ __forceinline__ void flat_scale_tile(const T* __restrict__ x, const T* __restrict__ res,
+                                                T* __restrict__ y, uint8_t* __restrict__ mask,
+                                                const A* __restrict__ gates, const tiles::FlatTiles& f,
+                                                const tiles::FlatTile& tile, FlatShared<A>& sh) {
+  constexpr int W = tiles::vec_width<T>();
+  constexpr int kRound = flat_round<T>();
+  constexpr int kStride = tiles::step_stride<W>();
+  const int lane = threadIdx.x % 32;
+  const int o0 = tiles::step_offset<W>(0, lane);
+  const int L = static_cast<int>(f.L);
+  const int64_t first = tile.row0 * f.L + o0;
+  const T* __restrict__ xl = flat_pin(x + first);
+  const T* __restrict__ rl = kRes ? flat_pin(res + first) : nullptr;
+  T* __restrict__ yl = flat_pin(y + first);
+  flat_stage<kStreamed>(sh.rows[0], gates, tile, lane);
+  if (kRelu) flat_clear_image(sh.image, tile.size, lane);
+  __syncwarp();
+  constexpr Hint kLast = kStreamed ? Hint::Last : Hint::Keep;  // x's and the residual's last read
+  // this lane's image word at step s: (o0 + s * 32 W) / 32 = o0 / 32 + s W, at shift o0 % 32
+  uint32_t* __restrict__ word = sh.image + (o0 >> 5);
+  const int shift = o0 & 31;
+#pragma unroll
+  for (int round = 0; round < tiles::kFlatSteps / kRound; ++round) {
+    if (round * kRound * kStride >= tile.size) break;  // warp-uniform
+    Pack<T, W> xv[kRound], rv[kRound];
+    flat_zero_narrow(xv);
+    flat_zero_narrow(rv);
+#pragma unroll
+    for (int s = 0; s < kRound; ++s) {
+      const int step = round * kRound + s;
+      if (o0 + step * kStride < tile.size) {
+        xv[s] = load_pack<T, W, kLast>(xl + step * kStride);
+        if (kRes) rv[s] = load_pack<T, W, kLast>(rl + step * kStride);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kRound; ++s) {
+      const int step = round * kRound + s;
+      const int d = o0 + step * kStride;
+      if (d >= tile.size) break;  // so are the lane's later steps
+      const int r = tiles::flat_row(d, f.magic);
+      const Pack<A, W> gs = flat_per_element<A, W>(sh.rows[0], r, L - (d - r * L));
+      unsigned bits = 0;
+      Pack<T, W> yv;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        bool through;
+        const A out = tiles::scale_element(static_cast<A>(xv[s].v[k]), gs.v[k],
+                                           kRes ? static_cast<A>(rv[s].v[k]) : A(0), kRes, kRelu, &through);
+        yv.v[k] = static_cast<T>(out);
+        bits |= unsigned(through) << k;
+      }
+      store_pack<T, W, kStreamed>(yl + step * kStride, yv);
+      if (kRelu) atomicOr(word + step * W, bits << shift);
+    }
+  }
+  if constexpr (kRelu) {
+    __syncwarp();
+    if (lane < tile.rows) {
+      uint8_t* __restrict__ mr = mask + (tile.row0 + lane) * f.row_bytes;
+      for (int b = 0; b < f.row_bytes; ++b)
+        mr[b] = static_cast<uint8_t>(
+            tiles::flat_image_byte(sh.image, lane * L + 8 * b, tiles::flat_byte_bits(f.L, b)));
+    }
+  }
+  __syncwarp();  // the shared memory is free for the warp's next tile
+}
+
+// Blocks per SM the flat kernels are compiled for: 2-byte types 2 (with the default bounds ptxas
+// held the bfloat16 residual scale to 64 registers and spilled 8 B, sm_90; the double masked sums
+// spilled 4 B on sm_80), others the default (with 2, the float32 relu + residual scale took 12.3
+// SASS instructions an element, over the check's 12; 11.7 without).
+template <typename T>
+constexpr int flat_min_blocks() {
+  return sizeof(T) == 2 || sizeof(T) == 8 ? 2 : 1;
+}
+
+template <typename T, typename A, bool kRelu, bool kRes>
+__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>()) flat_scale_kernel(const T* __restrict__ x, const T* __restrict__ res,
+                                                              T* __restrict__ y, uint8_t* __restrict__ mask,
+                                                              const A* __restrict__ gates, tiles::FlatTiles f) {
+  __shared__ FlatShared<A> shared[kWarps];
+  tiles::FlatTile tile;
+  if (!tiles::flat_tile_of(f, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
+  flat_scale_tile<T, A, kRelu, kRes>(x, res, y, mask, gates, f, tile, shared[threadIdx.x / 32]);
+}
+
+template <typename T, typename A, bool kMasked, bool kStreamed = false>
+__device__ __forceinline__ void flat_grad_input_tile(const T* __restrict__ dy, const uint8_t* __restrict__ mask,
+                                                     const A* __restrict__ gates, const A* __restrict__ dp,
+                                                     T* __restrict__ dx, T* __restrict__ dres,
+                                                     const tiles::FlatTiles& f, const tiles::FlatTile& tile,
+                                                     FlatShared<A>& sh) {
+  constexpr int W = tiles::vec_width<T>();
+  constexpr int kRound = flat_round<T>();
+  constexpr int kStride = tiles::step_stride<W>();
+  const int lane = threadIdx.x % 32;
+  const int o0 = tiles::step_offset<W>(0, lane);
+  const int L = static_cast<int>(f.L);
+  const int64_t first = tile.row0 * f.L + o0;
+  const T* __restrict__ dyl = flat_pin(dy + first);
+  T* __restrict__ dxl = dx ? flat_pin(dx + first) : nullptr;
+  T* __restrict__ drl = dres ? flat_pin(dres + first) : nullptr;
+  flat_stage<kStreamed>(sh.rows[0], gates, tile, lane);
+  flat_stage<kStreamed>(sh.rows[1], dp, tile, lane);
+  if constexpr (kMasked) flat_image_from_mask(sh.image, mask, f, tile, lane);
+  __syncwarp();
+  const uint32_t* __restrict__ word = sh.image + (o0 >> 5);  // as flat_scale_tile's
+  const int shift = o0 & 31;
+  constexpr Hint kLast = kStreamed ? Hint::Last : Hint::Keep;  // dy's last read
+#pragma unroll
+  for (int round = 0; round < tiles::kFlatSteps / kRound; ++round) {
+    if (round * kRound * kStride >= tile.size) break;  // warp-uniform
+    Pack<T, W> dyv[kRound];
+    flat_zero_narrow(dyv);
+#pragma unroll
+    for (int s = 0; s < kRound; ++s) {
+      const int step = round * kRound + s;
+      if (o0 + step * kStride < tile.size) dyv[s] = load_pack<T, W, kLast>(dyl + step * kStride);
+    }
+#pragma unroll
+    for (int s = 0; s < kRound; ++s) {
+      const int step = round * kRound + s;
+      const int d = o0 + step * kStride;
+      if (d >= tile.size) break;  // so are the lane's later steps
+      const int r = tiles::flat_row(d, f.magic);
+      const int split = L - (d - r * L);
+      const Pack<A, W> gs = flat_per_element<A, W>(sh.rows[0], r, split);
+      const Pack<A, W> ps = flat_per_element<A, W>(sh.rows[1], r, split);
+      const unsigned bits = kMasked ? word[step * W] >> shift : 0xffu;
+      Pack<T, W> dxv, drv;
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const A v = ((bits >> k) & 1u) ? static_cast<A>(dyv[s].v[k]) : A(0);
+        drv.v[k] = static_cast<T>(v);
+        dxv.v[k] = static_cast<T>(tiles::grad_input_element(v, gs.v[k], ps.v[k]));
+      }
+      if (drl) store_pack<T, W, kStreamed>(drl + step * kStride, drv);
+      if (dxl) store_pack<T, W, kStreamed>(dxl + step * kStride, dxv);
+    }
+  }
+  __syncwarp();  // the shared memory is free for the warp's next tile
+}
+
+template <typename T, typename A, bool kMasked>
+__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>()) flat_grad_input_kernel(const T* __restrict__ dy,
+                                                                   const uint8_t* __restrict__ mask,
+                                                                   const A* __restrict__ gates,
+                                                                   const A* __restrict__ dp, T* __restrict__ dx,
+                                                                   T* __restrict__ dres, tiles::FlatTiles f) {
+  __shared__ FlatShared<A> shared[kWarps];
+  tiles::FlatTile tile;
+  if (!tiles::flat_tile_of(f, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
+  flat_grad_input_tile<T, A, kMasked>(dy, mask, gates, dp, dx, dres, f, tile, shared[threadIdx.x / 32]);
+}
+
+// partial[row] = the sum over a flat tile's rows of x (kDot: of dy' * x, dy' = dy where the relu
+// mask let the output through): each round's vectors leave two partials each in shared memory
+// (se_tiles.h, the flat tile's channel sums), which lane j adds for row j in a fixed order.
+template <typename A>
+struct FlatSumsShared {
+  A part[2][tiles::kTileSteps * 32];       // a round's partials: first row's, next row's
+  uint32_t image[tiles::kFlatImageWords];  // the backward's relu bits
+};
+
+template <typename T, typename A, bool kDot, bool kMasked, bool kStreamed = false>
+__device__ __forceinline__ void flat_sums_tile(const T* __restrict__ x, const T* __restrict__ dy,
+                                               const uint8_t* __restrict__ mask, A* __restrict__ partial,
+                                               const tiles::FlatTiles& f, const tiles::FlatTile& tile,
+                                               FlatSumsShared<A>& sh) {
+  constexpr int W = tiles::vec_width<T>();
+  constexpr int kRound = flat_round<T>();
+  constexpr int kStride = tiles::step_stride<W>();
+  // the streamed plan re-reads x (forward) or dy (backward) in its element-wise items: the
+  // backward's x is a last read (as channel_sums_block's)
+  constexpr Hint kLast = kStreamed ? Hint::Last : Hint::Keep;
+  const int lane = threadIdx.x % 32;
+  const int o0 = tiles::step_offset<W>(0, lane);
+  const int L = static_cast<int>(f.L);
+  const int64_t first = tile.row0 * f.L + o0;
+  const T* __restrict__ xl = flat_pin(x + first);
+  const T* __restrict__ dl = kDot ? flat_pin(dy + first) : nullptr;
+  if constexpr (kMasked) flat_image_from_mask(sh.image, mask, f, tile, lane);
+  const uint32_t* __restrict__ word = sh.image + (o0 >> 5);
+  const int shift = o0 & 31;
+  const int u_first = tiles::flat_row_first_entry(f.L, W, lane), u_last = tiles::flat_row_last_entry(f.L, W, lane);
+  A acc = 0;
+#pragma unroll
+  for (int round = 0; round < tiles::kFlatSteps / kRound; ++round) {
+    if (round * kRound * kStride >= tile.size) break;  // warp-uniform
+    Pack<T, W> xv[kRound], dv[kRound];
+    flat_zero_narrow(xv);
+    flat_zero_narrow(dv);
+#pragma unroll
+    for (int s = 0; s < kRound; ++s) {
+      const int step = round * kRound + s;
+      if (o0 + step * kStride < tile.size) {
+        if (kDot) {
+          xv[s] = load_pack<T, W, kLast>(xl + step * kStride);
+          dv[s] = load_pack<T, W, Hint::Keep>(dl + step * kStride);
+        } else {
+          xv[s] = load_pack<T, W, Hint::Keep>(xl + step * kStride);
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kRound; ++s) {
+      const int step = round * kRound + s;
+      const int d = o0 + step * kStride;
+      A a = 0, b = 0;
+      if (d < tile.size) {
+        const int r = tiles::flat_row(d, f.magic);
+        const int split = L - (d - r * L);
+        const unsigned bits = kMasked ? word[step * W] >> shift : 0xffu;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          A v = static_cast<A>(xv[s].v[k]);
+          if (kDot) v *= ((bits >> k) & 1u) ? static_cast<A>(dv[s].v[k]) : A(0);
+          if (k == 0 || k < split) {
+            a += v;
+          } else {
+            b += v;
+          }
+        }
+      }
+      sh.part[0][s * 32 + lane] = a;
+      sh.part[1][s * 32 + lane] = b;
+    }
+    __syncwarp();
+    if (lane < tile.rows) {  // row `lane`'s entries of this round, in order
+      const int begin = round * kRound * 32, end = begin + kRound * 32;
+      for (int u = max(u_first, begin); u <= u_last && u < end; ++u)
+        acc += sh.part[tiles::flat_entry_second(f.L, W, lane, u) ? 1 : 0][u - begin];
+    }
+    __syncwarp();  // the partials are free for the next round
+  }
+  if (lane < tile.rows) partial[tile.row0 + lane] = acc;
+}
+
+template <typename T, typename A, bool kDot, bool kMasked>
+__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>()) flat_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                                             const uint8_t* __restrict__ mask, A* __restrict__ partial,
+                                                             tiles::FlatTiles f) {
+  __shared__ FlatSumsShared<A> shared[kWarps];
+  tiles::FlatTile tile;
+  if (!tiles::flat_tile_of(f, blockIdx.x, threadIdx.x / 32, /*reversed=*/false, &tile)) return;  // whole warps
+  flat_sums_tile<T, A, kDot, kMasked>(x, dy, mask, partial, f, tile, shared[threadIdx.x / 32]);
+}
+
 // Weight gradients over the batch chunk [k * per_chunk, (k + 1) * per_chunk): dW2[c, s] =
 // sum_n dz2[n, c] z[n, s], dW1[s, c] = sum_n dz1[n, s] pooled[n, c], db2 = sum_n dz2, db1 =
-// sum_n dz1, one thread per (c, s), the samples added in order. 1-D grid over (chunk, S,
-// channel blocks), channel blocks fastest. One chunk: the outputs (T); several: float partials
-// (chunk-major, each of the four laid out as its output), added by weight_grads_sum_kernel.
+// sum_n dz1, as two small GEMMs over the batch: a block per tile of kWgT channels x kWgT hidden
+// units, the chunk's samples kWgT at a time through shared memory (the tile's columns of dz2 and
+// pooled, of z and dz1: each value read once per block, not once per output), each thread 4 (c, s)
+// pairs of both (lane: the channel; warp w: units w, w + 8, w + 16, w + 24), the samples added in
+// order: deterministic. The bias gradients by the tiles of the first units (db2) and channels (db1).
+// 1-D grid over (chunk, unit tiles, channel tiles), channel tiles fastest. One chunk: the outputs
+// (O = T); several: float partials (chunk-major, each of the four laid out as its output), added by
+// weight_grads_sum_kernel.
+constexpr int kWgT = 32;
+
 template <typename A, typename O>
 __global__ void __launch_bounds__(kThreads) weight_grads_kernel(
     const A* __restrict__ dz1, const A* __restrict__ dz2, const A* __restrict__ z, const A* __restrict__ pooled,
     O* __restrict__ dw1, O* __restrict__ db1, O* __restrict__ dw2, O* __restrict__ db2, int64_t N, int64_t C,
     int64_t S, int64_t per_chunk) {
-  const int64_t cblocks = (C + kThreads - 1) / kThreads;
-  const int64_t c = int64_t(blockIdx.x % cblocks) * kThreads + threadIdx.x;
-  const int64_t s = blockIdx.x / cblocks % S;
-  const int64_t k = blockIdx.x / cblocks / S;
-  if (c >= C) return;
-  const int64_t n_end = min(N, (k + 1) * per_chunk);
-  A w2 = 0, w1 = 0, b2 = 0, b1 = 0;
-#pragma unroll 8
-  for (int64_t n = k * per_chunk; n < n_end; ++n) {
-    const A g2 = dz2[n * C + c], g1 = dz1[n * S + s];
-    w2 += g2 * z[n * S + s];
-    w1 += g1 * pooled[n * C + c];
-    b2 += g2;
-    b1 += g1;
+  static_assert(kThreads == 8 * kWgT, "a lane per channel, 8 warps over the units");
+  constexpr int kPer = kWgT / kWarps;  // units per thread
+  __shared__ A g2[kWgT][kWgT + 1], po[kWgT][kWgT + 1], zs[kWgT][kWgT + 1], g1[kWgT][kWgT + 1];
+  const int64_t ctiles = (C + kWgT - 1) / kWgT, stiles = (S + kWgT - 1) / kWgT;
+  const int64_t c0 = int64_t(blockIdx.x % ctiles) * kWgT;
+  const int64_t s0 = int64_t(blockIdx.x / ctiles % stiles) * kWgT;
+  const int64_t k = blockIdx.x / ctiles / stiles;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t c = c0 + lane;
+  const int64_t n_begin = k * per_chunk, n_end = min(N, (k + 1) * per_chunk);
+  A w2[kPer] = {}, w1[kPer] = {}, b1[kPer] = {}, b2 = 0;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kWgT) {
+    for (int row = warp; row < kWgT; row += kWarps) {  // sample n0 + row of each operand, coalesced
+      const int64_t n = n0 + row;
+      const bool live = n < n_end;
+      g2[row][lane] = live && c < C ? dz2[n * C + c] : A(0);
+      po[row][lane] = live && c < C ? pooled[n * C + c] : A(0);
+      zs[row][lane] = live && s0 + lane < S ? z[n * S + s0 + lane] : A(0);
+      g1[row][lane] = live && s0 + lane < S ? dz1[n * S + s0 + lane] : A(0);
+    }
+    __syncthreads();
+    for (int j = 0; j < kWgT; ++j) {  // in sample order (zeros past the chunk's end)
+      const A a2 = g2[j][lane], p = po[j][lane];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int u = warp + kWarps * i;
+        w2[i] += a2 * zs[j][u];
+        w1[i] += g1[j][u] * p;
+        b1[i] += g1[j][u];
+      }
+      b2 += a2;
+    }
+    __syncthreads();
   }
-  dw2[k * C * S + c * S + s] = static_cast<O>(w2);
-  dw1[k * S * C + s * C + c] = static_cast<O>(w1);
-  if (s == 0) db2[k * C + c] = static_cast<O>(b2);
-  if (c == 0) db1[k * S + s] = static_cast<O>(b1);
+  if (c >= C) return;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t s = s0 + warp + kWarps * i;
+    if (s >= S) break;
+    dw2[k * C * S + c * S + s] = static_cast<O>(w2[i]);
+    dw1[k * S * C + s * C + c] = static_cast<O>(w1[i]);
+    if (c == 0) db1[k * S + s] = static_cast<O>(b1[i]);
+  }
+  if (s0 == 0 && warp == 0) db2[k * C + c] = static_cast<O>(b2);
 }
 
 // out[i] = sum over chunks k (in order) of partial[k * size + i], for the four weight gradients
@@ -793,6 +1163,84 @@ __global__ void __launch_bounds__(kThreads, streamed_min_blocks<T, kPixelRows>()
       if (k >= 0)
         grad_input_tile<T, A, true, kPixelRows, kMasked, true>(dy, mask, gates, dp, dx, dres, t, lay.row_bytes,
                                                                tiles::tile_at(t, k));
+    }
+  });
+}
+
+// The streamed plan on flat tiles (se_tiles.h; NCHW rows of at most kFlatMaxL pixels): the same
+// stages, the pool items' warps taking the group's flat tiles in order (stream::pool_tile, one
+// split: whole rows), the apply items' last-first (stream::apply_tile). Each warp's flat buffers are
+// dynamic shared memory (flat_stream_smem): with the GEMMs' 42 KiB of static tiles they are over the
+// 48 KiB a kernel's static shared memory may hold.
+template <typename A>
+union FlatStreamShared {
+  FlatShared<A> apply;
+  FlatSumsShared<A> sums;
+};
+
+template <typename A>
+constexpr size_t flat_stream_smem() {
+  return sizeof(FlatStreamShared<A>) * kWarps;
+}
+
+template <typename A>
+__device__ __forceinline__ FlatStreamShared<A>& flat_stream_shared() {
+  extern __shared__ __align__(16) unsigned char flat_stream_bytes[];
+  return reinterpret_cast<FlatStreamShared<A>*>(flat_stream_bytes)[threadIdx.x / 32];
+}
+
+template <typename T, typename A, bool kRelu, bool kRes>
+__global__ void __launch_bounds__(kThreads, streamed_min_blocks<T, false>()) flat_streamed_forward_kernel(
+    const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ w1, const T* __restrict__ b1,
+    const T* __restrict__ w2, const T* __restrict__ b2, T* __restrict__ y, uint8_t* __restrict__ mask,
+    A* __restrict__ partial, A* __restrict__ pooled, A* __restrict__ hidden, A* __restrict__ logits,
+    A* __restrict__ gates, unsigned long long* __restrict__ counters, stream::Schedule s, Layout lay,
+    tiles::FlatTiles f, Act act, Gate gate) {
+  FlatStreamShared<A>& sh = flat_stream_shared<A>();
+  const int warp = threadIdx.x / 32;
+  run_streamed(s, counters, [&](const stream::Item& it) {
+    const int64_t n0 = stream::group_first(s, it.group), n1 = stream::group_end(s, it.group);
+    if (it.stage == stream::kPool) {
+      const int64_t k = stream::pool_tile(s, it.group, it.index, warp, f.tiles_per_sample, kWarps);
+      if (k >= 0)
+        flat_sums_tile<T, A, false, false, true>(x, nullptr, nullptr, partial, f, tiles::flat_tile_at(f, k), sh.sums);
+    } else if (it.stage == stream::kFirst) {
+      hidden_block<T, A>(partial, w1, b1, pooled, hidden, lay.C, lay.S, lay.L, 1, mlp_block_at(n0, n1, it.index));
+    } else if (it.stage == stream::kSecond) {
+      logits_block<T, A>(hidden, w2, b2, logits, gates, lay.C, lay.S, act, gate, mlp_block_at(n0, n1, it.index));
+    } else {
+      const int64_t k = stream::apply_tile(s, it.group, it.index, warp, f.tiles_per_sample, kWarps);
+      if (k >= 0)
+        flat_scale_tile<T, A, kRelu, kRes, true>(x, res, y, mask, gates, f, tiles::flat_tile_at(f, k), sh.apply);
+    }
+  });
+}
+
+template <typename T, typename A, bool kMasked>
+__global__ void __launch_bounds__(kThreads, streamed_min_blocks<T, false>()) flat_streamed_backward_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const uint8_t* __restrict__ mask, const T* __restrict__ w1,
+    const T* __restrict__ w2, const A* __restrict__ hidden, const A* __restrict__ logits, T* __restrict__ dx,
+    T* __restrict__ dres, A* __restrict__ partial, A* __restrict__ dz1, A* __restrict__ dz2, A* __restrict__ z,
+    A* __restrict__ gates, A* __restrict__ dp, unsigned long long* __restrict__ counters, stream::Schedule s,
+    Layout lay, tiles::FlatTiles f, Act act, Gate gate) {
+  FlatStreamShared<A>& sh = flat_stream_shared<A>();
+  const int warp = threadIdx.x / 32;
+  run_streamed(s, counters, [&](const stream::Item& it) {
+    const int64_t n0 = stream::group_first(s, it.group), n1 = stream::group_end(s, it.group);
+    if (it.stage == stream::kPool) {
+      const int64_t k = stream::pool_tile(s, it.group, it.index, warp, f.tiles_per_sample, kWarps);
+      if (k >= 0)
+        flat_sums_tile<T, A, true, kMasked, true>(x, dy, mask, partial, f, tiles::flat_tile_at(f, k), sh.sums);
+    } else if (it.stage == stream::kFirst) {
+      dz1_block<T, A>(partial, w2, hidden, logits, dz1, dz2, z, gates, lay.C, lay.S, 1, act, gate,
+                      mlp_block_at(n0, n1, it.index));
+    } else if (it.stage == stream::kSecond) {
+      dp_block<T, A>(dz1, w1, dp, lay.C, lay.S, lay.L, mlp_block_at(n0, n1, it.index));
+    } else {
+      const int64_t k = stream::apply_tile(s, it.group, it.index, warp, f.tiles_per_sample, kWarps);
+      if (k >= 0)
+        flat_grad_input_tile<T, A, kMasked, true>(dy, mask, gates, dp, dx, dres, f, tiles::flat_tile_at(f, k),
+                                                  sh.apply);
     }
   });
 }
@@ -972,6 +1420,33 @@ auto grad_input_variant(bool vector, bool pixel_rows, bool masked) {
   return table[4 * vector + 2 * pixel_rows + masked];
 }
 
+// The flat tiles of an element-wise pass (csrc/cuda/se_tiles.h), or false for row tiles.
+template <typename T>
+bool flat_tiles(const Geometry& g, std::initializer_list<const void*> pointers, tiles::FlatTiles* out) {
+  if (!tiles::flat_tiles_apply(g.C, g.L, g.pixel_rows, tiles::vec_width<T>(), aligned16(pointers))) return false;
+  *out = tiles::make_flat_tiles(g.N, g.C, g.L, tiles::vec_width<T>());
+  return true;
+}
+
+template <typename T, typename A>
+auto flat_scale_variant(bool relu, bool res) {
+  using Kernel = void (*)(const T*, const T*, T*, uint8_t*, const A*, tiles::FlatTiles);
+  const Kernel table[4] = {flat_scale_kernel<T, A, false, false>, flat_scale_kernel<T, A, false, true>,
+                           flat_scale_kernel<T, A, true, false>, flat_scale_kernel<T, A, true, true>};
+  return table[2 * relu + res];
+}
+
+template <typename T, typename A>
+auto flat_sums_variant(bool dot, bool masked) {
+  return !dot ? flat_sums_kernel<T, A, false, false>
+              : masked ? flat_sums_kernel<T, A, true, true> : flat_sums_kernel<T, A, true, false>;
+}
+
+template <typename T, typename A>
+auto flat_grad_input_variant(bool masked) {
+  return masked ? flat_grad_input_kernel<T, A, true> : flat_grad_input_kernel<T, A, false>;
+}
+
 // Whether the NCHW channel sums can load 16 bytes a lane (per_split is a multiple of 32, so each
 // split starts on a vector).
 template <typename T>
@@ -979,10 +1454,17 @@ bool sums_vector(const Geometry& g, const void* x, const void* dy) {
   return !g.pixel_rows && g.L % tiles::vec_width<T>() == 0 && aligned16({x, dy});
 }
 
-// Weight gradients: one chunk of the batch per thread up to kWeightGradChunk samples; more
-// samples are split into chunks (more blocks in flight, each summing fewer samples in series),
-// whose partial sums a second kernel adds in order.
+// Weight gradients: the batch in chunks of at least kWeightGradChunk samples, as few as give
+// two blocks per SM (a block sums its chunk's samples in series, 32 a step): one chunk where the
+// output tiles fill the GPU already (no partials, no second kernel); else the chunks' partial sums
+// are added in order by a second kernel.
 constexpr int64_t kWeightGradChunk = 32;
+
+int64_t weight_grad_chunks(const Geometry& g) {
+  const int64_t tiles = (g.C + kWgT - 1) / kWgT * ((g.S + kWgT - 1) / kWgT);
+  const int64_t most = (g.N + kWeightGradChunk - 1) / kWeightGradChunk;
+  return std::max<int64_t>(1, std::min(most, (2 * int64_t(multiprocessors()) + tiles - 1) / tiles));
+}
 
 int64_t channel_blocks(const Geometry& g) {
   return g.pixel_rows ? (g.C + 31) / 32 : (g.C + kWarps - 1) / kWarps;
@@ -1037,12 +1519,44 @@ bool streamed_schedule(const Geometry& g, const RowTiles& t, bool sums_vector_ok
 }
 
 // A persistent grid: as many blocks as fit on the device at once (more would only wait to claim
-// items), at most one per item.
+// items), at most one per item. smem: the kernel's dynamic shared memory.
 template <typename Kernel>
-unsigned int streamed_grid(Kernel kernel, const stream::Schedule& s) {
+unsigned int streamed_grid(Kernel kernel, const stream::Schedule& s, size_t smem = 0) {
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
   return grid_1d(std::min<int64_t>(s.items(), int64_t(std::max(per_sm, 1)) * multiprocessors()));
+}
+
+// The flat tiles' streamed schedule (se_stream.h; pool and apply items both 8 warps' tiles).
+bool flat_streamed_schedule(const Geometry& g, const tiles::FlatTiles& f, int64_t kept, int64_t touched,
+                            stream::Schedule* out) {
+  if (g.N * touched <= stream_budget()) return false;
+  const stream::StreamShape shape{g.N, kept, stream_budget(), f.tiles_per_sample, (g.S + kMlpT - 1) / kMlpT,
+                                  (g.C + kMlpT - 1) / kMlpT, f.tiles_per_sample, kWarps, kWarps};
+  return stream::make_schedule(shape, out);
+}
+
+// A flat streamed kernel's dynamic shared memory, allowed past the 48 KiB default (its static
+// GEMM tiles take 42 KiB).
+template <typename A, typename Kernel>
+size_t flat_stream_prepare(Kernel kernel) {
+  const size_t smem = flat_stream_smem<A>();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  return smem;
+}
+
+template <typename T, typename A>
+auto flat_streamed_forward_variant(bool relu, bool res) {
+  using Kernel = decltype(&flat_streamed_forward_kernel<T, A, false, false>);
+  const Kernel table[4] = {
+      flat_streamed_forward_kernel<T, A, false, false>, flat_streamed_forward_kernel<T, A, false, true>,
+      flat_streamed_forward_kernel<T, A, true, false>, flat_streamed_forward_kernel<T, A, true, true>};
+  return table[2 * relu + res];
+}
+
+template <typename T, typename A>
+auto flat_streamed_backward_variant(bool masked) {
+  return masked ? flat_streamed_backward_kernel<T, A, true> : flat_streamed_backward_kernel<T, A, false>;
 }
 
 template <typename T, typename A>
@@ -1085,12 +1599,30 @@ int64_t sample_bytes(const Geometry& g, int64_t elem, int tensors, bool mask) {
 template <typename T, typename A>
 bool forward_streamed(const Geometry& g, const at::Tensor& x, const T* res, const at::Tensor& w1, const T* b1,
                       const at::Tensor& w2, const T* b2, at::Tensor& y, at::Tensor& mask, at::Tensor& pooled,
-                      at::Tensor& hidden, at::Tensor& logits, at::Tensor& gates, const RowTiles& t, int64_t cblocks,
-                      bool out_relu, Act act, Gate gate, cudaStream_t stream) {
+                      at::Tensor& hidden, at::Tensor& logits, at::Tensor& gates, const RowTiles& t,
+                      const tiles::FlatTiles* flat, int64_t cblocks, bool out_relu, Act act, Gate gate,
+                      cudaStream_t stream) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
     stream::Schedule s;
+    if (flat != nullptr) {  // short NCHW rows: flat tiles, one split
+      if (!flat_streamed_schedule(g, *flat, sample_bytes(g, sizeof(T), 1, out_relu),
+                                  sample_bytes(g, sizeof(T), 2 + (res != nullptr), out_relu), &s))
+        return false;
+      at::Tensor partial = at::empty({g.N, 1, g.C}, pooled.options());
+      at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+      const auto kernel = flat_streamed_forward_variant<T, A>(out_relu, res != nullptr);
+      const size_t smem = flat_stream_prepare<A>(kernel);
+      kernel<<<streamed_grid(kernel, s, smem), kThreads, smem, stream>>>(
+          x.const_data_ptr<T>(), res, w1.const_data_ptr<T>(), b1, w2.const_data_ptr<T>(), b2, y.mutable_data_ptr<T>(),
+          out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, partial.mutable_data_ptr<A>(),
+          pooled.mutable_data_ptr<A>(), hidden.mutable_data_ptr<A>(), logits.mutable_data_ptr<A>(),
+          gates.mutable_data_ptr<A>(), reinterpret_cast<unsigned long long*>(counters.mutable_data_ptr<int64_t>()), s,
+          make_layout(g), *flat, act, gate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    }
     const Splits sp = stream_splits(g, sizeof(T));
     if (!streamed_schedule<T>(g, t, sums_vector<T>(g, x.const_data_ptr(), nullptr), cblocks, sp,
                               sample_bytes(g, sizeof(T), 1, out_relu),
@@ -1116,11 +1648,30 @@ template <typename T, typename A>
 bool backward_streamed(const Geometry& g, const at::Tensor& grad_y, const at::Tensor& x, const uint8_t* mask,
                        const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& hidden, const at::Tensor& logits,
                        T* dx, T* dres, at::Tensor& dz1, at::Tensor& dz2, at::Tensor& z, at::Tensor& gates,
-                       at::Tensor& dp, const RowTiles& t, int64_t cblocks, Act act, Gate gate, cudaStream_t stream) {
+                       at::Tensor& dp, const RowTiles& t, const tiles::FlatTiles* flat, int64_t cblocks, Act act,
+                       Gate gate, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
     stream::Schedule s;
+    if (flat != nullptr) {  // short NCHW rows: flat tiles, one split
+      if (!flat_streamed_schedule(g, *flat, sample_bytes(g, sizeof(T), 1, mask != nullptr),
+                                  sample_bytes(g, sizeof(T), 2 + (dx != nullptr) + (dres != nullptr), mask != nullptr),
+                                  &s))
+        return false;
+      at::Tensor partial = at::empty({g.N, 1, g.C}, dz1.options());
+      at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+      const auto kernel = flat_streamed_backward_variant<T, A>(mask != nullptr);
+      const size_t smem = flat_stream_prepare<A>(kernel);
+      kernel<<<streamed_grid(kernel, s, smem), kThreads, smem, stream>>>(
+          grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), mask, w1.const_data_ptr<T>(), w2.const_data_ptr<T>(),
+          hidden.const_data_ptr<A>(), logits.const_data_ptr<A>(), dx, dres, partial.mutable_data_ptr<A>(),
+          dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(), gates.mutable_data_ptr<A>(),
+          dp.mutable_data_ptr<A>(), reinterpret_cast<unsigned long long*>(counters.mutable_data_ptr<int64_t>()), s,
+          make_layout(g), *flat, act, gate);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    }
     const Splits sp = stream_splits(g, sizeof(T));
     if (!streamed_schedule<T>(g, t, sums_vector<T>(g, x.const_data_ptr(), grad_y.const_data_ptr()), cblocks, sp,
                               sample_bytes(g, sizeof(T), 1, mask != nullptr),
@@ -1172,27 +1723,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
     const scalar_t* b1p = b1c.defined() ? b1c.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* b2p = b2c.defined() ? b2c.const_data_ptr<scalar_t>() : nullptr;
     const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
-    if (forward_streamed<scalar_t, A>(g, x, res, w1, b1p, w2, b2p, y, mask, pooled, hidden, logits, gates, t, cblocks,
-                                      out_relu, act, gt, stream))
+    tiles::FlatTiles f;  // flat tiles for both passes (x, the residual and y aligned)
+    const bool flat = flat_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()}, &f);
+    if (forward_streamed<scalar_t, A>(g, x, res, w1, b1p, w2, b2p, y, mask, pooled, hidden, logits, gates, t,
+                                      flat ? &f : nullptr, cblocks, out_relu, act, gt, stream))
       return;
-    at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);  // the split plan's (stream-ordered free)
-    (sums_vector<scalar_t>(g, x.const_data_ptr(), nullptr) ? channel_sums_kernel<scalar_t, A, true>
-                                                            : channel_sums_kernel<scalar_t, A, false>)
-        <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), lay, sp.per_split,
-            sp.splits, cblocks, false, false);
+    // the split plan's partial sums (stream-ordered free): flat tiles sum whole rows (one split)
+    const int splits = flat ? 1 : sp.splits;
+    at::Tensor partial = at::empty({g.N, splits, g.C}, acc_opts);
+    if (flat) {
+      flat_sums_variant<scalar_t, A>(false, false)<<<grid_1d(f.blocks()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), f);
+    } else {
+      (sums_vector<scalar_t>(g, x.const_data_ptr(), nullptr) ? channel_sums_kernel<scalar_t, A, true>
+                                                              : channel_sums_kernel<scalar_t, A, false>)
+          <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), nullptr, nullptr, partial.mutable_data_ptr<A>(), lay, sp.per_split,
+              sp.splits, cblocks, false, false);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     hidden_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
         partial.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), b1p, pooled.mutable_data_ptr<A>(),
-        hidden.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L, sp.splits);
+        hidden.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     logits_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
         hidden.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), b2p, logits.mutable_data_ptr<A>(),
         gates.mutable_data_ptr<A>(), g.N, g.C, g.S, act, gt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
-        out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), t, g.mask_row_bytes);
+    if (flat) {
+      flat_scale_variant<scalar_t, A>(out_relu, res != nullptr)<<<grid_1d(f.blocks()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+          out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), f);
+    } else {
+      scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+          out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), t, g.mask_row_bytes);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, pooled, hidden, logits, mask};
@@ -1230,7 +1796,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor gates = at::empty({g.N, g.C}, acc_opts);
   at::Tensor dp = at::empty({g.N, g.C}, acc_opts);
   at::Tensor z = at::empty({g.N, g.S}, acc_opts);
-  const int64_t wchunks = (g.N + kWeightGradChunk - 1) / kWeightGradChunk;
+  const int64_t wchunks = weight_grad_chunks(g);
   const int64_t per_chunk = (g.N + wchunks - 1) / wchunks;
   at::Tensor wpartial = wchunks > 1 ? at::empty({wchunks * (2 * g.S * g.C + g.S + g.C)}, acc_opts) : at::Tensor();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -1240,33 +1806,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* dx = need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* dres = need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
     const RowTiles t = element_tiles<scalar_t>(g, {grad_y.const_data_ptr(), dx, dres});
+    tiles::FlatTiles f;  // flat tiles for both passes (x, dy, dx and d_residual aligned)
+    const bool flat = flat_tiles<scalar_t>(g, {x.const_data_ptr(), grad_y.const_data_ptr(), dx, dres}, &f);
     const bool streamed = (dx != nullptr || dres != nullptr) &&
                           backward_streamed<scalar_t, A>(g, grad_y, x, mask, w1, w2, hidden, logits, dx, dres, dz1,
-                                                         dz2, z, gates, dp, t, cblocks, act, gt, stream);
+                                                         dz2, z, gates, dp, t, flat ? &f : nullptr, cblocks, act, gt,
+                                                         stream);
     if (!streamed) {
-      at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
-      (sums_vector<scalar_t>(g, x.const_data_ptr(), grad_y.const_data_ptr()) ? channel_sums_kernel<scalar_t, A, true>
-                                                                            : channel_sums_kernel<scalar_t, A, false>)
-          <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(),
-              lay, sp.per_split, sp.splits, cblocks, true, out_relu);
+      const int splits = flat ? 1 : sp.splits;
+      at::Tensor partial = at::empty({g.N, splits, g.C}, acc_opts);
+      if (flat) {
+        flat_sums_variant<scalar_t, A>(true, out_relu)<<<grid_1d(f.blocks()), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(), f);
+      } else {
+        (sums_vector<scalar_t>(g, x.const_data_ptr(), grad_y.const_data_ptr()) ? channel_sums_kernel<scalar_t, A, true>
+                                                                              : channel_sums_kernel<scalar_t, A, false>)
+            <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+                x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(), mask, partial.mutable_data_ptr<A>(),
+                lay, sp.per_split, sp.splits, cblocks, true, out_relu);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       dz1_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.S)), kThreads, 0, stream>>>(
           partial.const_data_ptr<A>(), w2.const_data_ptr<scalar_t>(), hidden.const_data_ptr<A>(),
           logits.const_data_ptr<A>(), dz1.mutable_data_ptr<A>(), dz2.mutable_data_ptr<A>(), z.mutable_data_ptr<A>(),
-          gates.mutable_data_ptr<A>(), g.N, g.C, g.S, sp.splits, act, gt);
+          gates.mutable_data_ptr<A>(), g.N, g.C, g.S, splits, act, gt);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       dp_kernel<scalar_t, A><<<grid_1d(mlp_blocks(g, g.C)), kThreads, 0, stream>>>(
           dz1.const_data_ptr<A>(), w1.const_data_ptr<scalar_t>(), dp.mutable_data_ptr<A>(), g.N, g.C, g.S, g.L);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (dx != nullptr || dres != nullptr) {
+      if ((dx != nullptr || dres != nullptr) && flat) {
+        flat_grad_input_variant<scalar_t, A>(out_relu)<<<grid_1d(f.blocks()), kThreads, 0, stream>>>(
+            grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(), dx, dres, f);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else if (dx != nullptr || dres != nullptr) {
         grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
             grad_y.const_data_ptr<scalar_t>(), mask, gates.const_data_ptr<A>(), dp.const_data_ptr<A>(), dx, dres, t,
             g.mask_row_bytes);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    const int64_t wblocks = (g.C + kThreads - 1) / kThreads * g.S * wchunks;
+    const int64_t wblocks = (g.C + kWgT - 1) / kWgT * ((g.S + kWgT - 1) / kWgT) * wchunks;
     if (wchunks == 1) {
       weight_grads_kernel<A, scalar_t><<<grid_1d(wblocks), kThreads, 0, stream>>>(
           dz1.const_data_ptr<A>(), dz2.const_data_ptr<A>(), z.const_data_ptr<A>(), pooled.const_data_ptr<A>(),

@@ -110,6 +110,9 @@ struct StreamShape {
   int64_t second_per_group;  // blocks of 32 outputs of the second GEMM
   int64_t apply_tiles_per_sample;
   int64_t tiles_per_block;   // warps per block: tiles one apply item takes
+  // pool units (pool_per_sample of them a sample) one pool item takes: 1 (a channel-sum block), or
+  // the warps per block (flat tiles, se_tiles.h: a warp per tile, numbered as the apply items'); 0: 1
+  int64_t pool_tiles_per_block;
 };
 
 // The schedule for `shape`, or false where the streamed plan does not apply: fewer than two groups,
@@ -130,7 +133,8 @@ SE_STREAM_HD bool make_schedule(const StreamShape& shape, Schedule* out) {
   if (s.groups < 2) return false;
   // (lag + 1) groups fit; past the last group a lag only adds empty rounds
   const int64_t lag = fit / group - 1 < s.groups ? fit / group - 1 : s.groups;
-  s.per[kPool] = group * shape.pool_per_sample;
+  const int64_t pool_block = shape.pool_tiles_per_block > 0 ? shape.pool_tiles_per_block : 1;
+  s.per[kPool] = (group * shape.pool_per_sample + pool_block - 1) / pool_block;
   s.per[kFirst] = shape.first_per_group;
   s.per[kSecond] = shape.second_per_group;
   s.per[kApply] = (group * shape.apply_tiles_per_sample + shape.tiles_per_block - 1) / shape.tiles_per_block;
@@ -150,6 +154,16 @@ SE_STREAM_HD int64_t apply_tile(const Schedule& s, int64_t g, int64_t index, int
   const int64_t k = index * tiles_per_block + warp;
   const int64_t count = (group_end(s, g) - group_first(s, g)) * tiles_per_sample;
   return k < count ? group_first(s, g) * tiles_per_sample + count - 1 - k : -1;
+}
+
+// The flat channel-sum tile of warp `warp` of item `index` of group g's pool stage (flat tiles:
+// pool_tiles_per_block == tiles_per_block), in the group's order, first tile first; -1 past the
+// group's tiles.
+SE_STREAM_HD int64_t pool_tile(const Schedule& s, int64_t g, int64_t index, int warp, int64_t tiles_per_sample,
+                               int tiles_per_block) {
+  const int64_t k = index * tiles_per_block + warp;
+  const int64_t count = (group_end(s, g) - group_first(s, g)) * tiles_per_sample;
+  return k < count ? group_first(s, g) * tiles_per_sample + k : -1;
 }
 
 }  // namespace se_kernels::stream

@@ -124,6 +124,140 @@ SE_HD int tile_size(const Tile& tile) {
   return static_cast<int>(tile.end - tile.begin);
 }
 
+// ---- flat tiles: NCHW rows of at most kFlatMaxL pixels (7x7, 14x14, 3x3) -----------------------
+//
+// A row tile of a 49-pixel row keeps 49 of a warp's lanes' elements busy, one element a step (49 is
+// no multiple of the vector); a 196-pixel row, 1.5 vector steps. In NCHW the rows of a sample are one
+// contiguous run, so a flat tile takes `rows` (R) whole rows of one sample as one run of R * L
+// elements in 16-byte vectors, up to kFlatSteps steps. R is a multiple of the vector width and the
+// sample's channels are too (flat_tiles_apply), so every tile starts on a vector and holds whole
+// vectors. A vector's elements lie in one row, or (L >= width) in two consecutive rows; the row of
+// offset d in the tile is d / L, by one multiply-high (flat_row). The tile's R <= 32 gates are
+// held one per lane and moved to the elements by shuffles. The relu-mask bytes of the tile's rows
+// (the row layout above) belong to the tile alone: a warp gathers its bits into a bit image of the
+// tile (one bit per element, in element order, flat_image_*) in shared memory, then writes the rows'
+// bytes from it; the backward builds the image from the bytes, then reads each vector's bits.
+constexpr int kFlatSteps = 2 * kTileSteps;  // vector steps of one tile at most: two rounds of kTileSteps in flight
+constexpr int kFlatMaxRows = kLanes;        // a lane holds each row's gate
+constexpr int64_t kFlatMaxL = 256;          // longer rows keep row tiles (R = width rows must fit kFlatSteps)
+constexpr int kFlatImageWords = kFlatSteps * 8 + 1;  // the largest tile's bits (width <= 8) and a word of slack
+
+struct FlatTiles {
+  int64_t N, C, L;
+  int64_t rows_per_tile;     // R: a multiple of the width, <= kFlatMaxRows, R * L <= kFlatSteps * 32 * width
+  int64_t tiles_per_sample;  // ceil(C / R)
+  int64_t row_bytes;         // relu-mask bytes of a row: ceil(L / 8)
+  uint32_t magic;            // floor(2^32 / L) + 1: d / L == (d * magic) >> 32 for every d of a tile
+  int width;
+
+  SE_HD int64_t tiles() const { return N * tiles_per_sample; }
+  SE_HD int64_t blocks() const { return (tiles() + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+};
+
+// Whether an (N, C, L) tensor takes flat tiles: NCHW, 16-byte accesses possible (every pointer
+// aligned), C a multiple of the width (tiles start on vectors), width <= L <= kFlatMaxL.
+SE_HD bool flat_tiles_apply(int64_t C, int64_t L, bool pixel_rows, int width, bool aligned) {
+  return !pixel_rows && aligned && C % width == 0 && L >= width && L <= kFlatMaxL;
+}
+
+// The most rows (a multiple of the width, <= 32, <= C rounded up to the width) whose elements fit
+// kFlatSteps vector steps: the most bytes in flight a tile allows.
+SE_HD FlatTiles make_flat_tiles(int64_t N, int64_t C, int64_t L, int width) {
+  FlatTiles f{};
+  f.N = N;
+  f.C = C;
+  f.L = L;
+  f.width = width;
+  const int64_t fit = int64_t(kFlatSteps) * kLanes * width / L;  // >= width, as L <= kFlatMaxL
+  int64_t rows = (fit < kFlatMaxRows ? fit : kFlatMaxRows) / width * width;
+  const int64_t c_up = (C + width - 1) / width * width;
+  if (rows > c_up) rows = c_up;
+  if (rows < width) rows = width;
+  f.rows_per_tile = rows;
+  f.tiles_per_sample = (C + rows - 1) / rows;
+  f.row_bytes = (L + 7) / 8;
+  f.magic = static_cast<uint32_t>((uint64_t(1) << 32) / uint64_t(L) + 1);
+  return f;
+}
+
+struct FlatTile {
+  int64_t row0;  // first row over the batch (n * C + c0): also the gate index of that row
+  int rows;      // rows in the tile (the sample's last tile may have fewer, a multiple of the width)
+  int size;      // elements: rows * L
+};
+
+// Tile number `item` (sample-major: a sample's tiles in channel order).
+SE_HD FlatTile flat_tile_at(const FlatTiles& f, int64_t item) {
+  const int64_t n = item / f.tiles_per_sample;
+  const int64_t j = item - n * f.tiles_per_sample;
+  const int64_t c0 = j * f.rows_per_tile;
+  FlatTile tile;
+  tile.row0 = n * f.C + c0;
+  tile.rows = static_cast<int>(f.C - c0 < f.rows_per_tile ? f.C - c0 : f.rows_per_tile);
+  tile.size = static_cast<int>(tile.rows * f.L);
+  return tile;
+}
+
+// The tile of warp `warp` of block `block`, last tile first when reversed (as tile_of).
+SE_HD bool flat_tile_of(const FlatTiles& f, int64_t block, int warp, bool reversed, FlatTile* out) {
+  const int64_t k = block * kWarpsPerBlock + warp;
+  if (k >= f.tiles()) return false;
+  *out = flat_tile_at(f, reversed ? f.tiles() - 1 - k : k);
+  return true;
+}
+
+// d / L for an offset d in a tile (d < kFlatSteps * 32 * 8 + 8: checked exhaustively by the host test).
+SE_HD int flat_row(int d, uint32_t magic) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<int>(__umulhi(static_cast<unsigned>(d), magic));
+#else
+  return static_cast<int>((uint64_t(static_cast<uint32_t>(d)) * magic) >> 32);
+#endif
+}
+
+// ---- the flat tile's channel sums -----------------------------------------------------------
+//
+// Entry u of a tile is the vector at offset u * W (step u / 32, lane u % 32). Each lane adds its
+// vector's elements into two partials, of its first element's row and (past `split`) the next
+// row's, and stores them; then lane j adds row j's partials in increasing u: the entries from
+// flat_row_first_entry to flat_row_last_entry, taking the second partial of the first one where it
+// starts in row j - 1 (flat_entry_second). A fixed order: the sums are bitwise reproducible.
+
+SE_HD int flat_row_first_entry(int64_t L, int W, int j) { return static_cast<int>(j * L / W); }
+SE_HD int flat_row_last_entry(int64_t L, int W, int j) { return static_cast<int>(((j + 1) * L - 1) / W); }
+// Whether row j's elements in entry u are the entry's second partial (it starts in row j - 1).
+SE_HD bool flat_entry_second(int64_t L, int W, int j, int u) { return int64_t(u) * W < j * L; }
+
+// ---- the flat tile's relu bits: an image of one bit per element, in element order ------------
+
+// The image word a lane writes at a step, after a shuffle tree gathered the W-bit groups of
+// 32 / W lanes into one word (lane i holds lanes i .. i + 32 / W - 1); -1 for the other lanes.
+template <int W>
+SE_HD int flat_image_word(int step, int lane) {
+  return lane % (kLanes / W) == 0 ? step * W + lane / (kLanes / W) : -1;
+}
+
+// The count of row bits in mask byte b of a row of L (8, or fewer in the row's last byte).
+SE_HD int flat_byte_bits(int64_t L, int b) {
+  return L - 8 * b < 8 ? static_cast<int>(L - 8 * b) : 8;
+}
+
+// The byte (its `count` low bits) starting at bit q of the image: two words, funnel-shifted.
+SE_HD unsigned flat_image_byte(const uint32_t* image, int q, int count) {
+  const uint64_t pair = (uint64_t(image[(q >> 5) + 1]) << 32) | image[q >> 5];
+  return static_cast<unsigned>(pair >> (q & 31)) & ((1u << count) - 1u);
+}
+
+// OR a byte's bits (at most 8) into the image at bit q: the one or two words it covers, through
+// `orw(word pointer, value)` (the kernels: a shared-memory atomicOr; lanes share words).
+template <typename Or>
+SE_HD void flat_image_add_byte(uint32_t* image, int q, unsigned byte, Or orw) {
+  const int w = q >> 5, sh = q & 31;
+  if (byte == 0) return;
+  orw(image + w, byte << sh);
+  if (sh > 24) orw(image + w + 1, byte >> (32 - sh));
+}
+
 // ---- relu-mask bytes (bit i of a row at byte i / 8, each row starting on a byte) -------------
 
 // The mask byte lane `lane` writes at step `step`, counted from the tile's first byte

@@ -120,13 +120,14 @@ class Geometry:
 
 
 def stream_schedule(n: int, kept: int, budget: int, pool_per_sample: int, first: int, second: int,
-                    apply_per_sample: int, per_apply_item: int = 1) -> Optional[dict]:
+                    apply_per_sample: int, per_apply_item: int = 1, per_pool_item: int = 1) -> Optional[dict]:
     """The streamed plans' schedule (csrc/cuda/se_stream.h make_schedule, which
     tests/test_cuda_stream.py compiles for the host and compares with this): groups of `group`
     samples, each stage's items per group, the rounds' lags; None where the plan does not apply
     (fewer than two groups, or fewer than STREAM_MIN_LAG + 1 samples' kept bytes fit the budget).
     kept: the bytes per sample kept in L2 from the first read to the re-read; apply_per_sample:
-    element-wise tiles per sample, per_apply_item of them an item."""
+    element-wise tiles per sample, per_apply_item of them an item; pool_per_sample: channel-sum
+    units per sample, per_pool_item of them an item (CUDA flat tiles: 8 warps' tiles)."""
     if n < 2 or kept <= 0:
         return None
     fit = budget // kept
@@ -138,7 +139,8 @@ def stream_schedule(n: int, kept: int, budget: int, pool_per_sample: int, first:
         return None
     lag = min(fit // group - 1, groups)
     lag1 = max(1, lag // 3)
-    per = [group * pool_per_sample, first, second, triton.cdiv(group * apply_per_sample, per_apply_item)]
+    per = [triton.cdiv(group * pool_per_sample, per_pool_item), first, second,
+           triton.cdiv(group * apply_per_sample, per_apply_item)]
     return dict(group=group, groups=groups, per=per, lag=[0, lag1, max(lag1, 2 * lag // 3), lag],
                 items=(groups + lag) * sum(per))
 

@@ -36,7 +36,7 @@ int64_t value(int stage, int64_t g, int64_t index, int64_t read) {
 }
 
 StreamShape shape_of(const int64_t* v) {
-  return StreamShape{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+  return StreamShape{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]};
 }
 
 // Static checks of the numbering: every (stage, group, index) exactly once; every item's
@@ -83,6 +83,25 @@ int check_numbering(const Schedule& s, const StreamShape& shape, char* msg, int 
   }
   for (size_t t = 0; t < seen.size(); ++t)
     if (seen[t] != 1) return fail(msg, len, "tile not covered exactly once", static_cast<int64_t>(t), seen[t], 0);
+  if (shape.pool_tiles_per_block > 1) {  // flat tiles: the pool items' warps take the group's tiles in order
+    const int64_t pool = shape.pool_per_sample;
+    std::vector<int> pooled(static_cast<size_t>(s.N * pool), 0);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      int64_t previous = -1;
+      for (int64_t index = 0; index < s.per[kPool]; ++index)
+        for (int warp = 0; warp < shape.pool_tiles_per_block; ++warp) {
+          const int64_t tile = pool_tile(s, g, index, warp, pool, static_cast<int>(shape.pool_tiles_per_block));
+          if (tile < 0) continue;
+          if (tile < group_first(s, g) * pool || tile >= group_end(s, g) * pool)
+            return fail(msg, len, "pool tile outside its group", g, index, tile);
+          if (previous >= 0 && tile != previous + 1) return fail(msg, len, "pool tiles out of order", g, previous, tile);
+          previous = tile;
+          ++pooled[static_cast<size_t>(tile)];
+        }
+    }
+    for (size_t t = 0; t < pooled.size(); ++t)
+      if (pooled[t] != 1) return fail(msg, len, "pool tile not covered exactly once", static_cast<int64_t>(t), pooled[t], 0);
+  }
   return 0;
 }
 
@@ -212,9 +231,9 @@ int se_stream_run(const int64_t* shape, int workers, uint64_t seed, char* msg, i
 // For ThreadSanitizer: a few shapes (including partial last groups and one item per stage) at
 // several worker counts; prints and exits 1 on the first failure.
 int main() {
-  const int64_t shapes[][8] = {
-      {37, 1000, 30000, 3, 1, 2, 5, 8},   {9, 1000, 5000, 2, 2, 3, 17, 8}, {64, 500, 20000, 4, 1, 8, 9, 8},
-      {5, 1000, 4000, 1, 1, 1, 1, 8},     {100, 100, 9000, 2, 4, 1, 3, 8},
+  const int64_t shapes[][9] = {
+      {37, 1000, 30000, 3, 1, 2, 5, 8, 1}, {9, 1000, 5000, 2, 2, 3, 17, 8, 1}, {64, 500, 20000, 4, 1, 8, 9, 8, 1},
+      {5, 1000, 4000, 1, 1, 1, 1, 8, 1},   {100, 100, 9000, 2, 4, 1, 3, 8, 1}, {37, 1000, 30000, 13, 1, 2, 13, 8, 8},
   };
   char msg[256];
   for (const auto& shape : shapes)
