@@ -635,14 +635,14 @@ constexpr int flat_round() {
   return sizeof(T) == 8 ? tiles::kTileSteps / 2 : tiles::kTileSteps;
 }
 
-// Stage the tile's per-row values of `v` (rows row0 ..) in `out`, and clear the bit image (the
-// tile's bits and the slack word past them) when `image`.
+// Stage the tile's per-row values of `v` (rows row0 ..) in `out` (lane j: row j's).
 template <bool kStreamed, typename A>
 __device__ __forceinline__ void flat_stage(A* __restrict__ out, const A* __restrict__ v, const tiles::FlatTile& tile,
                                            int lane) {
   if (lane < tile.rows) out[lane] = load_vector<kStreamed>(v + tile.row0 + lane);
 }
 
+// Zero the bit image of a tile of `size` elements: its words and the slack word past them.
 __device__ __forceinline__ void flat_clear_image(uint32_t* __restrict__ image, int size, int lane) {
   for (int w = lane; w <= (size >> 5) + 1 && w < tiles::kFlatImageWords; w += 32) image[w] = 0;
 }
@@ -774,9 +774,9 @@ constexpr int flat_min_blocks() {
 }
 
 template <typename T, typename A, bool kRelu, bool kRes>
-__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>()) flat_scale_kernel(const T* __restrict__ x, const T* __restrict__ res,
-                                                              T* __restrict__ y, uint8_t* __restrict__ mask,
-                                                              const A* __restrict__ gates, tiles::FlatTiles f) {
+__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>())
+    flat_scale_kernel(const T* __restrict__ x, const T* __restrict__ res, T* __restrict__ y, uint8_t* __restrict__ mask,
+                      const A* __restrict__ gates, tiles::FlatTiles f) {
   __shared__ FlatShared<A> shared[kWarps];
   tiles::FlatTile tile;
   if (!tiles::flat_tile_of(f, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
@@ -841,11 +841,9 @@ __device__ __forceinline__ void flat_grad_input_tile(const T* __restrict__ dy, c
 }
 
 template <typename T, typename A, bool kMasked>
-__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>()) flat_grad_input_kernel(const T* __restrict__ dy,
-                                                                   const uint8_t* __restrict__ mask,
-                                                                   const A* __restrict__ gates,
-                                                                   const A* __restrict__ dp, T* __restrict__ dx,
-                                                                   T* __restrict__ dres, tiles::FlatTiles f) {
+__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>())
+    flat_grad_input_kernel(const T* __restrict__ dy, const uint8_t* __restrict__ mask, const A* __restrict__ gates,
+                           const A* __restrict__ dp, T* __restrict__ dx, T* __restrict__ dres, tiles::FlatTiles f) {
   __shared__ FlatShared<A> shared[kWarps];
   tiles::FlatTile tile;
   if (!tiles::flat_tile_of(f, blockIdx.x, threadIdx.x / 32, /*reversed=*/true, &tile)) return;  // whole warps
@@ -936,9 +934,9 @@ __device__ __forceinline__ void flat_sums_tile(const T* __restrict__ x, const T*
 }
 
 template <typename T, typename A, bool kDot, bool kMasked>
-__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>()) flat_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                                             const uint8_t* __restrict__ mask, A* __restrict__ partial,
-                                                             tiles::FlatTiles f) {
+__global__ void __launch_bounds__(kThreads, flat_min_blocks<T>())
+    flat_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy, const uint8_t* __restrict__ mask,
+                     A* __restrict__ partial, tiles::FlatTiles f) {
   __shared__ FlatSumsShared<A> shared[kWarps];
   tiles::FlatTile tile;
   if (!tiles::flat_tile_of(f, blockIdx.x, threadIdx.x / 32, /*reversed=*/false, &tile)) return;  // whole warps
@@ -1755,9 +1753,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> se_forwar
           x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
           out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), f);
     } else {
-      scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
-          out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), t, g.mask_row_bytes);
+      scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)
+          <<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+              out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gates.const_data_ptr<A>(), t, g.mask_row_bytes);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
