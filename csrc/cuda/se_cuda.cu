@@ -1246,8 +1246,9 @@ __global__ void __launch_bounds__(kThreads, streamed_min_blocks<T, false>()) fla
 // ---- the generic channel-attention path's stage ops (se_kernels/attention.py) -------------------
 // ca_pool and ca_gate_grad are channel_sums_kernel (the splits' partials added after, in order),
 // ca_scale is scale_kernel and the average squeeze's ca_input_grad grad_input_kernel, given the
-// gates and dp = dmean / HW. The average + max squeeze adds ca_channel_max_kernel and
-// ca_grad_input_max_kernel.
+// gates and dp = dmean / HW; where flat tiles apply (short NCHW rows), flat_sums_kernel,
+// flat_scale_kernel and flat_grad_input_kernel. The average + max squeeze adds ca_channel_max_kernel
+// and ca_grad_input_max_kernel.
 
 template <typename A>
 __device__ __forceinline__ A nan_max(A a, A b) {
@@ -1879,19 +1880,28 @@ at::Tensor channel_sums(const at::Tensor& x, const at::Tensor* dy, const at::Ten
   const Layout lay = make_layout(g);
   const int64_t cblocks = channel_blocks(g);
   const Splits sp = pixel_splits(g, cblocks);
-  at::Tensor partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
+  at::Tensor partial;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ca_channel_sums_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* dyp = dy ? dy->const_data_ptr<scalar_t>() : nullptr;
-    (sums_vector<scalar_t>(g, x.const_data_ptr(), dyp) ? channel_sums_kernel<scalar_t, A, true>
-                                                       : channel_sums_kernel<scalar_t, A, false>)
-        <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), dyp, mask ? mask->const_data_ptr<uint8_t>() : nullptr,
-            partial.mutable_data_ptr<A>(), lay, sp.per_split, sp.splits, cblocks, dy != nullptr, mask != nullptr);
+    const uint8_t* m = mask ? mask->const_data_ptr<uint8_t>() : nullptr;
+    tiles::FlatTiles f;  // short NCHW rows: flat tiles, whole rows (one split)
+    if (flat_tiles<scalar_t>(g, {x.const_data_ptr(), dyp}, &f)) {
+      partial = at::empty({g.N, 1, g.C}, acc_opts);
+      flat_sums_variant<scalar_t, A>(dy != nullptr, mask != nullptr)<<<grid_1d(f.blocks()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), dyp, m, partial.mutable_data_ptr<A>(), f);
+    } else {
+      partial = at::empty({g.N, sp.splits, g.C}, acc_opts);
+      (sums_vector<scalar_t>(g, x.const_data_ptr(), dyp) ? channel_sums_kernel<scalar_t, A, true>
+                                                         : channel_sums_kernel<scalar_t, A, false>)
+          <<<grid_1d(cblocks * sp.splits * g.N), kThreads, 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), dyp, m, partial.mutable_data_ptr<A>(), lay, sp.per_split, sp.splits,
+              cblocks, dy != nullptr, mask != nullptr);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return sp.splits == 1 ? partial.select(1, 0) : partial.sum(1);  // the splits in order
+  return partial.size(1) == 1 ? partial.select(1, 0) : partial.sum(1);  // the splits in order
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ca_pool_cuda(const at::Tensor& x, bool with_max) {
@@ -1931,10 +1941,18 @@ std::tuple<at::Tensor, at::Tensor> ca_scale_cuda(const at::Tensor& x, const at::
     using A = at::opmath_type<scalar_t>;
     const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const RowTiles t = element_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()});
-    scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)
-        <<<grid_1d(t.blocks()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
-            out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gate.const_data_ptr<A>(), t, g.mask_row_bytes);
+    tiles::FlatTiles f;
+    if (flat_tiles<scalar_t>(g, {x.const_data_ptr(), res, y.const_data_ptr()}, &f)) {
+      flat_scale_variant<scalar_t, A>(out_relu, res != nullptr)
+          <<<grid_1d(f.blocks()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+              out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gate.const_data_ptr<A>(), f);
+    } else {
+      scale_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu, res != nullptr)
+          <<<grid_1d(t.blocks()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              x.const_data_ptr<scalar_t>(), res, y.mutable_data_ptr<scalar_t>(),
+              out_relu ? mask.mutable_data_ptr<uint8_t>() : nullptr, gate.const_data_ptr<A>(), t, g.mask_row_bytes);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mask};
@@ -1978,9 +1996,15 @@ std::tuple<at::Tensor, at::Tensor> ca_input_grad_cuda(const at::Tensor& dy, cons
           make_layout(g), rows);
     } else {
       const RowTiles t = element_tiles<scalar_t>(g, {dy.const_data_ptr(), dxp, drp});
-      grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)<<<grid_1d(t.blocks()), kThreads, 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), m, gate.const_data_ptr<A>(), a.dp.const_data_ptr<A>(), dxp, drp, t,
-          g.mask_row_bytes);
+      tiles::FlatTiles f;
+      if (flat_tiles<scalar_t>(g, {dy.const_data_ptr(), dxp, drp}, &f)) {
+        flat_grad_input_variant<scalar_t, A>(out_relu)<<<grid_1d(f.blocks()), kThreads, 0, stream>>>(
+            dy.const_data_ptr<scalar_t>(), m, gate.const_data_ptr<A>(), a.dp.const_data_ptr<A>(), dxp, drp, f);
+      } else {
+        grad_input_variant<scalar_t, A>(t.vector, t.pixel_rows, out_relu)
+            <<<grid_1d(t.blocks()), kThreads, 0, stream>>>(dy.const_data_ptr<scalar_t>(), m, gate.const_data_ptr<A>(),
+                                                           a.dp.const_data_ptr<A>(), dxp, drp, t, g.mask_row_bytes);
+      }
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
