@@ -500,8 +500,9 @@ def cuda_flat(p: Problem) -> Optional[Tuple[int, int]]:
 
 
 def cuda_kernels(p: Problem, res: Resources, reread_l2: bool) -> List[Kernel]:
-    """se_forward_cuda / se_backward_cuda's launches (always split): channel_sums -> hidden ->
-    logits -> scale, or channel_sums (dot) -> dz1 -> dp -> grad_input -> weight_grads [-> _sum]."""
+    """se_forward_cuda / se_backward_cuda's split-plan launches: channel_sums -> hidden -> logits
+    -> scale, or channel_sums (dot) -> dz1 -> dp -> grad_input -> weight_grads [-> _sum] (flat_*
+    kernels where flat tiles apply)."""
     s, e, acc = p.site, p.elem, 4
     n, c, l, sq = s.n, s.c, s.h * s.w, s.s
     args = ("float",) if p.dtype == "float32" else (DTYPES[p.dtype][2], "float")
@@ -949,7 +950,7 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "CUDA scale/grad_input: 16-byte accesses only when H*W is a multiple of the vector width (pointers assumed "
     "aligned), else the scalar path; row tiles never span rows; on the 16-byte path a tile's loads are issued "
     "before its arithmetic (CUDA_STEPS_IN_FLIGHT steps in flight).",
-    "CUDA flat tiles (split plan; NCHW, C a multiple of the vector width, width <= H*W <= 256: 7x7, 14x14): "
+    "CUDA flat tiles (either plan; NCHW, C a multiple of the vector width, width <= H*W <= 256: 7x7, 14x14): "
     "flat_sums / flat_scale / flat_grad_input, a warp per tile of whole rows (cuda_flat: at most 32 rows in "
     "CUDA_FLAT_STEPS 16-byte steps), one split, CUDA_STEPS_IN_FLIGHT steps' loads out at a time (the SASS: a "
     "round's LDG.128s precede its math); the per-row values and relu bits through shared memory, not counted.",

@@ -33,6 +33,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <set>
 #include <type_traits>
 #include <utility>
 
@@ -1536,11 +1537,18 @@ bool flat_streamed_schedule(const Geometry& g, const tiles::FlatTiles& f, int64_
 }
 
 // A flat streamed kernel's dynamic shared memory, allowed past the 48 KiB default (its static
-// GEMM tiles take 42 KiB).
+// GEMM tiles take 42 KiB): set once per (device, kernel), as device_attribute queries once.
 template <typename A, typename Kernel>
 size_t flat_stream_prepare(Kernel kernel) {
+  static std::mutex lock;
+  static std::set<std::pair<int, const void*>> done;
   const size_t smem = flat_stream_smem<A>();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const std::pair<int, const void*> key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel)};
+  const std::lock_guard<std::mutex> hold(lock);
+  if (done.count(key) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    done.insert(key);
+  }
   return smem;
 }
 

@@ -148,7 +148,6 @@ struct FlatTiles {
   int64_t tiles_per_sample;  // ceil(C / R)
   int64_t row_bytes;         // relu-mask bytes of a row: ceil(L / 8)
   uint32_t magic;            // floor(2^32 / L) + 1: d / L == (d * magic) >> 32 for every d of a tile
-  int width;
 
   SE_HD int64_t tiles() const { return N * tiles_per_sample; }
   SE_HD int64_t blocks() const { return (tiles() + kWarpsPerBlock - 1) / kWarpsPerBlock; }
@@ -167,7 +166,6 @@ SE_HD FlatTiles make_flat_tiles(int64_t N, int64_t C, int64_t L, int width) {
   f.N = N;
   f.C = C;
   f.L = L;
-  f.width = width;
   const int64_t fit = int64_t(kFlatSteps) * kLanes * width / L;  // >= width, as L <= kFlatMaxL
   int64_t rows = (fit < kFlatMaxRows ? fit : kFlatMaxRows) / width * width;
   const int64_t c_up = (C + width - 1) / width * width;

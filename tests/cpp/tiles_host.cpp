@@ -227,9 +227,7 @@ int se_walk_flat(int64_t N, int64_t C, int64_t L, int width, int round, int reve
           if (byte != expected) return fail(msg, msg_len, "mask byte differs from its row's bits", tile.row0 + lane, b, byte);
           const int64_t at = (tile.row0 + lane) * f.row_bytes + b;
           if (whole && ++mask_writes[static_cast<size_t>(at)] > 1) return fail(msg, msg_len, "mask byte written twice", at, 0, 0);
-          // the byte as read back, with junk past the row's end that the kernel drops
-          const unsigned stored = byte | (count < 8 ? (0xffu << count) & 0xffu : 0u);
-          flat_image_add_byte(back, q, stored & ((1u << count) - 1u), [](uint32_t* p, unsigned v) { *p |= v; });
+          flat_image_add_byte(back, q, byte, [](uint32_t* p, unsigned v) { *p |= v; });
         }
       }
       // the channel sums: lane j adds entries flat_row_first_entry .. flat_row_last_entry of its row
