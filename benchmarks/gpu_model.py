@@ -31,7 +31,10 @@ dy) and the mask (ASSUMPTION: evict-first lines leave the L2 before any other); 
 groups' kept bytes fit the effective L2 by construction, so its HBM bytes are the floor's. Its time
 is the kernel's bandwidth time, or, where a group's chain of stages (its last channel-sum item,
 the two GEMMs, three hand-offs between blocks) outlasts lag[3] groups' bandwidth time, chain / lag
-per group (see pipelined()); plus the counters' zero fill as one more launch.
+per group (see pipelined()); then its last block counts the blocks out and sets the counters back
+to zero (STREAM_FINISH_TRIPS L2 round trips after the rest). No fill launch before it: the
+counters' buffer is kept per (device, stream) and every launch leaves it zero (a fill only under
+CUDA graph capture, not modelled).
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ STREAM_ITEM_BYTES = 16384  # se_cuda.cu kStreamItemBytes (the schedule itself: l
 # stores (one L2 round trip), its atomic becomes visible (one), the waiting block's acquire poll
 # sees it (one) plus half a 128 ns __nanosleep
 STREAM_HANDOFF_TRIPS, STREAM_SLEEP = 3, 64e-9
+# the streamed kernels' end (se_cuda.cu stream_finish, kernels.py _stream_finish): the last block's
+# exit add (after a fence), the claim counter's check, the counters' zero stores
+STREAM_FINISH_TRIPS = 3
 REGS_PER_SM, MAX_WARPS_SM, MAX_BLOCKS_SM, SMEM_SM = 65536, 64, 32, 228 * 1024  # sm_90 limits
 TRITON_DEFAULT_RESIDENT = 8  # fallback: the fewest resident warps/SM in triton_resources.md (flagged)
 CUDA_DEFAULT_REGS = 64  # fallback registers of a CUDA kernel missing from cuda_ptxas.md (flagged)
@@ -138,6 +144,8 @@ class Kernel:
     pipeline: Optional[Tuple[int, int, float]] = None
     # dependent L2 round trips once after the last wave (the weight gradients' in-kernel chunk sums)
     tail: float = 0.0
+    # dependent L2 round trips after everything else, pipeline included (the streamed kernels' end)
+    after: float = 0.0
     # filled by timed():
     resident_used: int = 0
     seconds: float = 0.0
@@ -279,6 +287,7 @@ def timed(k: Kernel, dev: Device) -> Kernel:
     k.seconds = terms[k.bound]
     if k.pipeline is not None:
         k.seconds, k.bound = pipelined(k.seconds, k.bound, *k.pipeline)
+    k.seconds += k.after * dev.l2_round_trip
     return k
 
 
@@ -321,7 +330,7 @@ def predict(p: Problem, backend: str, dev: Device, res: Resources, force_l2: boo
     streamed = cuda_streamed(p, res, dev) if backend == "cuda" else None
     if backend == "triton":
         kernels = triton_kernels(p, res, reread_l2, dev)
-        streamed = kernels if kernels[0].name == "zero_counters" else None
+        streamed = kernels if kernels[0].name == "streamed" else None
     else:
         kernels = streamed or cuda_kernels(p, res, reread_l2)
     kernels = [timed(k, dev) for k in kernels]
@@ -400,7 +409,10 @@ def triton_kernels(p: Problem, res: Resources, reread_l2: bool, dev: Device = De
         warps = launch.STREAM_WARPS
         resident = res.triton_resident(name, dt, plan.stream_block_c, plan.stream_block_l, None, warps)
         bc, bl = plan.stream_block_c, plan.stream_block_l
-        valid = (c / cdiv(c, bc)) * (l / cdiv(l, bl))  # elements of an average tile (14x14: 196 of 256 a row)
+        if plan.stream_flat[2]:  # flat tiles: plan.stream_flat[2] whole rows in a bc * bl vector
+            valid = (c / cdiv(c, plan.stream_flat[2])) * l
+        else:
+            valid = (c / cdiv(c, bc)) * (l / cdiv(l, bl))  # elements of an average tile (14x14: 196 of 256 a row)
         tile_bytes = valid * e * (2 if back else 1)
         trips = sum(_triton_gemm_trips(plan, c, s.s, cdiv(l, plan.stream_block_l), streamed=True))
         ks += streamed_kernels(p, dev, plan.stream, plan.grids[name][0], warps, resident, tile_bytes / warps,
@@ -596,9 +608,10 @@ def stream_splits(l: int, elem: int, channels: int = CUDA_THREADS // 32) -> Tupl
 
 def streamed_kernels(p: Problem, dev: Device, sched: dict, programs: int, warps: int, resident: int,
                      load_per_warp: float, pool_item: float, gemm_trips: int, splits: int) -> List[Kernel]:
-    """The streamed plan's launches, either backend: the counters' zero fill, then the persistent
-    kernel. Its HBM bytes are the floor's: each group's element-wise items re-read x (backward:
-    dy and the mask) after lag[3] rounds, whose kept bytes fit the budget by construction. Its
+    """The streamed plan's launch, either backend: the persistent kernel (no fill of its counters
+    before it: the buffer is kept per stream and left zero by each launch's last block). Its HBM
+    bytes are the floor's: each group's element-wise items re-read x (backward: dy and the mask)
+    after lag[3] rounds, whose kept bytes fit the budget by construction. Its
     pipeline: one group's latency from its first read to its element-wise items is its last
     channel-sum item (pool_item bytes, as long as every resident program's item: they share the
     bandwidth), the two GEMMs' dependent L2 round trips (gemm_trips) and three hand-offs."""
@@ -611,9 +624,9 @@ def streamed_kernels(p: Problem, dev: Device, sched: dict, programs: int, warps:
     rate = min(dev.hbm_bw, active * resident * load_per_warp / dev.hbm_latency)
     chain = (programs * pool_item / rate + gemm_trips * dev.l2_round_trip
              + 3 * (STREAM_HANDOFF_TRIPS * dev.l2_round_trip + STREAM_SLEEP))
-    return [Kernel("zero_counters", 1, warps, MAX_WARPS_SM, 0.0, 0.0, 8 * (groups * 3 + 1)),
-            Kernel("streamed", programs, warps, resident, load_per_warp, p.floor_bytes(), reread + weights + vectors,
-                   pipeline=(groups, sched["lag"][3], chain))]
+    return [Kernel("streamed", programs, warps, resident, load_per_warp, p.floor_bytes(),
+                   reread + weights + vectors + 8 * (groups * 3 + 2), pipeline=(groups, sched["lag"][3], chain),
+                   after=STREAM_FINISH_TRIPS)]
 
 
 def cuda_streamed(p: Problem, res: Resources, dev: Device) -> Optional[List[Kernel]]:
@@ -925,6 +938,7 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "channel_sums, excite, weight_grads), so a warp has one tile in flight.",
     "Triton streamed plan: one 16-warp program per SM; a tile of launch.STREAM_TILE_BYTES (backward: of dy and x "
     "together); 7x7 rows (49 pixels: no 8-byte accesses) flat tiles of launch.STREAM_FLAT_ELEMENTS, 16-byte accesses, "
+    "as many whole rows as the vector holds (160 of 7x7 in 8192 elements); "
     "their tl.gather steps through shared memory not counted (at most ~14 B an element against 128 B/clock/SM); "
     "bytes in flight = the tile's valid elements (padding excluded). Loops over "
     "chunks that reduce across warps (the GEMM items) do not overlap by themselves (the SASS of a tl.range "
@@ -961,7 +975,9 @@ KERNEL_NOTES = (  # how the code was read; the ASSUMPTIONs are to be checked on 
     "blocks of ~16 KiB of x, the GEMMs' blocks, 8 element-wise tiles); a block's resident warps as the ptxas "
     "table's streamed_*_kernel row; bytes in flight as the channel sums' loads. Hand-off between stages: "
     f"{STREAM_HANDOFF_TRIPS} L2 round trips + {STREAM_SLEEP * 1e9:.0f} ns (ASSUMPTION: fence, atomic, "
-    "acquire poll, half a __nanosleep).",
+    "acquire poll, half a __nanosleep). Its end: the last block out zeroes the counters "
+    f"({STREAM_FINISH_TRIPS} L2 round trips); no fill launch before it (the counters' buffer is kept per "
+    "stream; either backend).",
     "CUDA weight_grads: 32 x 32 (channel, unit) tiles of both weight gradients per block, each block "
     "loading its columns of dz2, pooled, z and dz1 once per 32-sample step (L2 bytes; one round trip a "
     "step); the batch in as few chunks of >= 32 samples as give 2 blocks per SM, added by a second kernel "

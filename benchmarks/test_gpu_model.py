@@ -79,7 +79,7 @@ def test_cuda_streams_where_the_split_plan_would_miss():
             p = Problem(site, "float32", "residual_relu", direction)
             pred = predict(p, backend, dev, Resources.load())
             names = [k.name for k in pred.kernels]
-            assert names[:2] == ["zero_counters", "streamed"] and pred.reread == "L2 (streamed)", names
+            assert names[0] == "streamed" and pred.reread == "L2 (streamed)", names
             assert pred.hbm_bytes == p.floor_bytes()
             assert (direction == "backward") == ("weight_grads" in names)
         flat = Problem(Site(256, 2048, 7, 7, 128), "float32", "none", direction)

@@ -10,7 +10,15 @@ from typing import List
 import pytest
 import torch
 from helpers import ACTIVATIONS, GATES, GRAD_NAMES, Case, fresh_seed, make_inputs, rel_err, run, stream_kept_bytes
-from test_triton import EPILOGUES, ODD, aoti_package_matches_eager, capture_and_replay, check, to_device
+from test_triton import (
+    EPILOGUES,
+    ODD,
+    aoti_package_matches_eager,
+    capture_and_replay,
+    check,
+    streamed_counters_across_streams,
+    to_device,
+)
 
 from se_kernels import available_backends, fused_se, ops
 
@@ -78,6 +86,10 @@ def test_environment_variable_forces_cuda(monkeypatch):
 
 def test_cuda_graph_capture_and_replay():
     capture_and_replay("cuda")
+
+
+def test_streamed_counters_across_streams(monkeypatch):
+    streamed_counters_across_streams("cuda", monkeypatch)
 
 
 def test_agrees_with_triton():

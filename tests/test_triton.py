@@ -177,6 +177,11 @@ def test_weight_grads_over_batch_chunks(n):
     g64 = launch.Geometry(torch.empty(case.shape, device="meta", dtype=torch.float64), 4, out_relu=False)
     plan64 = launch.Plan(g64, backward=True, sm_count=132)
     assert (plan64.wgrad_block_c, plan64.wgrad_block_s, plan64.wgrad_step) == (16, 4, 4)
+    # many (C block, S block) tiles: no more chunks than give each of the SMs a program (2 x 128
+    # tiles of 64 x 32 for 132 SMs, not 8 chunks of 32 samples); the interpreter's sm_count 0: 8
+    big = launch.Geometry(torch.empty((256, 2048, 7, 7), device="meta"), 128, out_relu=False)
+    assert launch.Plan(big, backward=True, sm_count=132).wgrad_chunks == 2
+    assert launch.Plan(big, backward=True, sm_count=0).wgrad_chunks == 8
     for dtype in (torch.float32, torch.float64):
         check(case, dtype, fresh_seed())
     inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
@@ -261,6 +266,53 @@ def test_cuda_graph_capture_and_replay(plan):
     capture_and_replay("triton")
 
 
+def streamed_counters_across_streams(backend: str, monkeypatch) -> None:
+    """The streamed plan's counters buffer (one per device and stream, left zero by each launch's
+    last program): launches on the current stream, on a side stream, captured in a CUDA graph
+    (a fresh buffer there) and replayed, then on the current stream again, each one right against
+    the reference. A launch that left its counters dirty would hand the next one on that stream
+    wrong claims: unwritten outputs or a trap."""
+    from se_kernels import FusedSE
+
+    case = Case((12, 64, 7, 7), 4, "relu", "sigmoid", True, True, "relu", False)
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(4 * stream_kept_bytes(case, torch.float32)))
+    m = FusedSE(64, 4, out_activation="relu", backend=backend).cuda()
+    x = torch.randn(case.shape, device="cuda", requires_grad=True)
+    r = torch.randn(case.shape, device="cuda")
+    dy = torch.randn(case.shape, device="cuda")
+
+    def expect(y):
+        ref = se_reference(x.detach(), m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, residual=r,
+                           out_activation="relu")
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+    side = torch.cuda.Stream()
+    for _ in range(2):
+        expect(m(x, r))
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            y = m(x, r)
+            y.backward(dy)
+        torch.cuda.current_stream().wait_stream(side)
+        expect(y)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        y = m(x, r)
+        y.backward(dy)
+    for _ in range(2):
+        x.data.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect(y)
+    expect(m(x, r))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_streamed_counters_across_streams(monkeypatch):
+    streamed_counters_across_streams("triton", monkeypatch)
+
+
 def aoti_package_matches_eager(backend: str, tmp_path) -> None:
     """torch.export + AOTInductor of a small network with a FusedSE (and the epilogue) on the
     GPU: the package's output equals eager's. The Triton backend's triton_op is compiled into
@@ -337,14 +389,17 @@ STREAM_CASES = [  # split-plan sizes (C x H*W padded over 8192 elements), small 
     Case((5, 12, 32, 32), 3, "relu", "sigmoid", True, True, "relu", False),
     # 14x14 rows (196 = 4 x 49): the kernels' ALIGN = 4 hints (channels_last C = 24 and 72 above: 8)
     Case((5, 40, 14, 14), 5, "silu", "sigmoid", True, True, "relu", False),
-    # flat tiles (kernels.py _flat_tile): 7x7 rows, 144 channels in blocks of 128 (a last block of
-    # 16); 3x3 rows in 16-pixel blocks, 520 channels in blocks of 512 (bfloat16 forward, no relu
-    # mask: 1024); 7x7 with C = 150, no multiple of 16 bytes' elements: the element-by-element tiles
-    Case((5, 144, 7, 7), 9, "relu", "sigmoid", True, True, "relu", False),
+    # flat tiles (kernels.py _flat_tile): 7x7 rows, 200 channels in tiles of 164 rows (float32;
+    # bfloat16: 160), a last tile of 36 (40); 3x3 rows, 520 channels in one tile (of up to 908 rows);
+    # 7x7 with C = 150, no multiple of 16 bytes' elements: the element-by-element tiles
+    Case((5, 200, 7, 7), 9, "relu", "sigmoid", True, True, "relu", False),
     Case((6, 520, 3, 3), 8, "silu", "hardsigmoid", False, False, None, False),
     Case((5, 150, 7, 7), 7, "gelu", "sigmoid", True, False, "relu", False),
 ]
-FLAT_CASES = {(5, 144, 7, 7): (49, 128, 128), (6, 520, 3, 3): (9, 512, 512), (5, 150, 7, 7): (0, 0, 0)}
+# shape: (FLAT_L, the vector's BLOCK_C x BLOCK_L, rows a tile: float32, bfloat16); 2-byte types'
+# forward without the relu mask: twice the vector's elements
+FLAT_CASES = {(5, 200, 7, 7): (49, (128, 64), (164, 160)), (6, 520, 3, 3): (9, (512, 16), (520, 520)),
+              (5, 150, 7, 7): (0, None, None)}
 
 
 def _launched(monkeypatch) -> list:
@@ -360,6 +415,18 @@ def _launched(monkeypatch) -> list:
     return names
 
 
+def _counters_left_zero() -> dict:
+    """launch._stream_counters' kept buffers (key: data pointer), each all zero again after its
+    launches (kernels.py _stream_finish, the weight gradients' last program of each tile): the next
+    launch on the stream takes the buffer as it is."""
+    from se_kernels.triton import launch
+
+    assert launch._COUNTERS, "no streamed launch kept a counters buffer"
+    for key, buffer in launch._COUNTERS.items():
+        assert not buffer.any(), (key, buffer.nonzero().flatten().tolist())
+    return {key: buffer.data_ptr() for key, buffer in launch._COUNTERS.items()}
+
+
 def _case_id(case: Case) -> str:
     return "x".join(map(str, case.shape)) + ("-cl" if case.channels_last else "")
 
@@ -367,26 +434,52 @@ def _case_id(case: Case) -> str:
 @pytest.mark.parametrize("case", [c for c in STREAM_CASES if c.shape in FLAT_CASES], ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flat_tiles_planned(case, dtype):
-    """Which streamed plans take flat tiles, and their channel blocks: launch.STREAM_FLAT_ELEMENTS
-    in rows padded to a power of two (twice that for 2-byte types in the forward without the relu
-    mask)."""
+    """Which streamed plans take flat tiles: a vector of launch.STREAM_FLAT_ELEMENTS (twice that for
+    2-byte types in the forward without the relu mask), as many whole rows as it holds, a multiple
+    of 16 bytes' elements, at most C."""
     from se_kernels.triton import launch
 
-    flat_l, block_fwd, block_bwd = FLAT_CASES[case.shape]
+    flat_l, block, rows = FLAT_CASES[case.shape]
     elem = torch.empty((), dtype=dtype).element_size()
-    for backward, block in ((False, block_fwd), (True, block_bwd)):
+    for backward in (False, True):
         x = torch.empty(case.shape, dtype=dtype, device="meta")
         g = launch.Geometry(x, case.squeeze, case.out_activation == "relu")
         p = launch.Plan(g, backward=backward, sm_count=132, budget=4 * stream_kept_bytes(case, dtype), elem=elem,
                         tensors=3)
         assert p.stream is not None
         if flat_l:
-            assert p.stream_flat == (flat_l, 16 // elem)
-            if elem == 2 and not backward and case.out_activation is None:
-                block *= 2
-            assert (p.stream_block_c, p.stream_block_l) == (block, launch._pow2(flat_l)), backward
+            vec = 16 // elem
+            tile_rows = rows[elem == 2]
+            assert p.stream_flat == (flat_l, vec, tile_rows, launch._pow2(tile_rows), 1)
+            assert tile_rows % vec == 0 and tile_rows * flat_l <= p.stream_block_c * p.stream_block_l
+            block_c = block[0] * (2 if elem == 2 and not backward and case.out_activation is None else 1)
+            assert (p.stream_block_c, p.stream_block_l) == (min(block_c, launch._pow2(case.shape[1])), block[1])
         else:
-            assert p.stream_flat == (0, 0)
+            assert p.stream_flat == (0, 0, 0, 0, 1)
+
+
+def test_flat_tiles_in_halves(monkeypatch):
+    """bfloat16 forward with the relu mask: a doubled flat vector (16384 elements, 320 rows of 7x7)
+    scaled in two halves of 160 rows (kernels.py _flat_scale_body PARTS = 2), where the rows
+    allow; 336 channels: a second tile of 16 rows, its second half empty. Right against the
+    float64 reference; the counters left zero."""
+    from se_kernels.triton import launch
+
+    case = Case((4, 336, 7, 7), 21, "relu", "sigmoid", True, True, "relu", False)
+    meta = launch.Geometry(torch.empty(case.shape, dtype=torch.bfloat16, device="meta"), 21, out_relu=True)
+    budget = 4 * stream_kept_bytes(case, torch.bfloat16)
+    plan = launch.Plan(meta, backward=False, sm_count=132, budget=budget, elem=2, tensors=3)
+    assert plan.stream is not None and plan.stream_flat == (49, 8, 320, 512, 2)
+    assert (plan.stream_block_c, plan.stream_block_l) == (256, 64)
+    # C = 200: 200 rows, no multiple of 16: one tile of the plain size
+    small = launch.Geometry(torch.empty((4, 200, 7, 7), dtype=torch.bfloat16, device="meta"), 10, out_relu=True)
+    plan = launch.Plan(small, backward=False, sm_count=132, budget=budget, elem=2, tensors=3)
+    assert plan.stream_flat == (49, 8, 160, 256, 1)
+    monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", str(budget))
+    names = _launched(monkeypatch)
+    check(case, torch.bfloat16, fresh_seed())
+    assert "se_streamed_forward_kernel" in names, names
+    _counters_left_zero()
 
 
 @pytest.mark.parametrize("case", STREAM_CASES, ids=_case_id)
@@ -404,7 +497,9 @@ def test_streamed_plan(monkeypatch, case, fit):
     inputs = to_device(make_inputs(case, torch.float32, seed))
     dy = torch.randn(case.shape, device=DEVICE)
     streamed = run(fused_se, inputs, dy, case, backend="triton")
+    buffers = _counters_left_zero()
     again = run(fused_se, inputs, dy, case, backend="triton")
+    assert _counters_left_zero() == buffers  # the same buffers again, no new ones
     monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", "0")
     del names[:]
     split = run(fused_se, inputs, dy, case, backend="triton")
@@ -429,6 +524,7 @@ def test_streamed_weight_grads_over_batch_chunks(monkeypatch):
     inputs = to_device(make_inputs(case, torch.float32, fresh_seed()))
     dy = torch.randn(case.shape, device=DEVICE)
     _, g1 = run(fused_se, inputs, dy, case, backend="triton")
+    _counters_left_zero()  # the weight-gradient tiles' counters too
     _, g2 = run(fused_se, inputs, dy, case, backend="triton")
     monkeypatch.setenv("SE_KERNELS_STREAM_BUDGET", "0")
     del names[:]

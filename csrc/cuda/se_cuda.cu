@@ -1045,6 +1045,26 @@ __device__ __forceinline__ unsigned long long load_acquire(const unsigned long l
 // kernel with an error (cudaErrorLaunchFailure at the next synchronisation) instead of hanging.
 constexpr long long kMaxSpins = 1LL << 27;
 
+// A block of the streamed kernels has claimed a number past the items: it counts itself out, and
+// the last block out leaves every counter zero for the next launch on the stream (se_stream.h).
+// last: a shared word the block has finished reading (run_streamed's claimed).
+__device__ __forceinline__ void stream_finish(const stream::Schedule& s, unsigned long long* counters,
+                                              long long& last) {
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's claims, waits and signals before its exit add
+    last = atomicAdd(counters + s.exit_counter(), 1ull) == gridDim.x - 1;
+    if (last) {
+      __threadfence();
+      // each block's claims (a count that does not add up: another launch shared the buffer)
+      if (load_acquire(counters + s.claim_counter()) != static_cast<unsigned long long>(s.final_claims(gridDim.x)))
+        __trap();
+    }
+  }
+  __syncthreads();
+  if (last)
+    for (int64_t k = threadIdx.x; k < s.counters(); k += blockDim.x) counters[k] = 0;
+}
+
 // The block claims item numbers in increasing order until none is left and runs each with the
 // whole block (run(item); the stage is uniform over the block, so the bodies' barriers are).
 // Thread 0 claims the next number as soon as the current item starts, so that the claim's round
@@ -1054,7 +1074,8 @@ constexpr long long kMaxSpins = 1LL << 27;
 // every item of stage k - 1 of its group has signalled (an acquire load), then the block passes a
 // barrier; after an item of stages 0-2, every thread fences its stores, the block passes a barrier,
 // and thread 0 signals (the threadfence-reduction pattern of the CUDA programming guide). What the
-// items exchange is read with load_l2 / Hint::Coherent: never from a stale L1 line.
+// items exchange is read with load_l2 / Hint::Coherent: never from a stale L1 line. Its first number
+// past the items ends it (stream_finish).
 template <typename Run>
 __device__ __forceinline__ void run_streamed(const stream::Schedule& s, unsigned long long* counters, Run run) {
   __shared__ long long claimed;
@@ -1065,7 +1086,10 @@ __device__ __forceinline__ void run_streamed(const stream::Schedule& s, unsigned
   for (;;) {
     const int64_t i = claimed;
     __syncthreads();  // every thread has read it before thread 0 replaces it
-    if (i >= items) return;
+    if (i >= items) {
+      stream_finish(s, counters, claimed);
+      return;
+    }
     unsigned long long ahead = 0;
     if (threadIdx.x == 0) ahead = atomicAdd(claim, 1ull);
     const stream::Item it = stream::item_of(s, i);
@@ -1552,6 +1576,26 @@ size_t flat_stream_prepare(Kernel kernel) {
   return smem;
 }
 
+// The streamed kernels' counters (stream::Schedule::counters() of them), zero: one buffer per
+// (device, stream), kept between launches, since each launch leaves its counters zero again
+// (stream_finish): no fill before each launch. Launches on one stream run in order, so they never
+// share it at once; a larger schedule replaces it (the old one is freed in stream order). While the
+// stream captures a CUDA graph, a fresh buffer as before (the zero fill is then part of the graph,
+// and replays never touch an eager launch's buffer). The map is never destroyed: its tensors would
+// otherwise be freed after the CUDA caching allocator at exit.
+at::Tensor stream_counters(const at::Tensor& x, int64_t n, cudaStream_t stream) {
+  const at::TensorOptions options = x.options().dtype(at::kLong);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return at::zeros({n}, options);
+  static std::mutex lock;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> hold(lock);
+  at::Tensor& buffer = (*buffers)[{static_cast<int>(x.get_device()), stream}];
+  if (!buffer.defined() || buffer.numel() < n) buffer = at::zeros({std::max<int64_t>(n, 1024)}, options);
+  return buffer;
+}
+
 template <typename T, typename A>
 auto flat_streamed_forward_variant(bool relu, bool res) {
   using Kernel = decltype(&flat_streamed_forward_kernel<T, A, false, false>);
@@ -1618,7 +1662,7 @@ bool forward_streamed(const Geometry& g, const at::Tensor& x, const T* res, cons
                                   sample_bytes(g, sizeof(T), 2 + (res != nullptr), out_relu), &s))
         return false;
       at::Tensor partial = at::empty({g.N, 1, g.C}, pooled.options());
-      at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+      at::Tensor counters = stream_counters(x, s.counters(), stream);
       const auto kernel = flat_streamed_forward_variant<T, A>(out_relu, res != nullptr);
       const size_t smem = flat_stream_prepare<A>(kernel);
       kernel<<<streamed_grid(kernel, s, smem), kThreads, smem, stream>>>(
@@ -1636,7 +1680,7 @@ bool forward_streamed(const Geometry& g, const at::Tensor& x, const T* res, cons
                               sample_bytes(g, sizeof(T), 2 + (res != nullptr), out_relu), &s))
       return false;
     at::Tensor partial = at::empty({g.N, sp.splits, g.C}, pooled.options());
-    at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+    at::Tensor counters = stream_counters(x, s.counters(), stream);
     const auto kernel = streamed_forward_variant<T, A>(g.pixel_rows, out_relu, res != nullptr);
     kernel<<<streamed_grid(kernel, s), kThreads, 0, stream>>>(
         x.const_data_ptr<T>(), res, w1.const_data_ptr<T>(), b1, w2.const_data_ptr<T>(), b2, y.mutable_data_ptr<T>(),
@@ -1667,7 +1711,7 @@ bool backward_streamed(const Geometry& g, const at::Tensor& grad_y, const at::Te
                                   &s))
         return false;
       at::Tensor partial = at::empty({g.N, 1, g.C}, dz1.options());
-      at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+      at::Tensor counters = stream_counters(x, s.counters(), stream);
       const auto kernel = flat_streamed_backward_variant<T, A>(mask != nullptr);
       const size_t smem = flat_stream_prepare<A>(kernel);
       kernel<<<streamed_grid(kernel, s, smem), kThreads, smem, stream>>>(
@@ -1686,7 +1730,7 @@ bool backward_streamed(const Geometry& g, const at::Tensor& grad_y, const at::Te
                               &s))
       return false;
     at::Tensor partial = at::empty({g.N, sp.splits, g.C}, dz1.options());
-    at::Tensor counters = at::zeros({s.counters()}, x.options().dtype(at::kLong));
+    at::Tensor counters = stream_counters(x, s.counters(), stream);
     const auto kernel = streamed_backward_variant<T, A>(g.pixel_rows, mask != nullptr);
     kernel<<<streamed_grid(kernel, s), kThreads, 0, stream>>>(
         grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), mask, w1.const_data_ptr<T>(), w2.const_data_ptr<T>(),

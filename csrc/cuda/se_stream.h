@@ -23,6 +23,13 @@
 // (by induction on the number) it finishes. No block waits for one that is not resident, whatever
 // the GPU runs beside this kernel: the plan needs no cooperative launch.
 //
+// Reuse: a block that claims a number past the items counts itself out on the exit counter; the
+// last block out (it sees blocks - 1 there) checks the claim counter (final_claims) and sets every
+// counter back to zero. The next launch on the same stream therefore finds them zero, and one
+// buffer per (device, stream) serves every launch there (se_cuda.cu stream_counters) without a
+// fill before each. Every other block has stopped touching the counters by then: its exit add
+// follows its last claim, wait and signal.
+//
 // L2 reuse: group g's x is read in round g and re-read in round g + lag[3]; in between the GPU
 // reads lag[3] more groups' x. The group and lag[3] are sized so that (lag[3] + 1) groups' kept
 // bytes fit the L2 budget (the largest lag that does: the longest time for a group's chain of
@@ -55,10 +62,15 @@ struct Schedule {
   SE_STREAM_HD int64_t round_items() const { return per[0] + per[1] + per[2] + per[3]; }
   SE_STREAM_HD int64_t rounds() const { return groups + lag[kApply]; }
   SE_STREAM_HD int64_t items() const { return rounds() * round_items(); }
-  // Counters: one per (group, stage) for the stages others wait on (0..2), then the claim counter.
-  SE_STREAM_HD int64_t counters() const { return groups * (kStages - 1) + 1; }
+  // Counters: one per (group, stage) for the stages others wait on (0..2), the claim counter, then
+  // the exit counter (se_cuda.cu stream_finish).
+  SE_STREAM_HD int64_t counters() const { return groups * (kStages - 1) + 2; }
   SE_STREAM_HD int64_t counter(int64_t g, int stage) const { return g * (kStages - 1) + stage; }
   SE_STREAM_HD int64_t claim_counter() const { return groups * (kStages - 1); }
+  SE_STREAM_HD int64_t exit_counter() const { return groups * (kStages - 1) + 1; }
+  // What the claim counter holds once `blocks` blocks have all finished: each claimed the items
+  // below items() once and then exactly one number past them (the one that stopped it).
+  SE_STREAM_HD int64_t final_claims(int64_t blocks) const { return items() + blocks; }
 };
 
 struct Item {

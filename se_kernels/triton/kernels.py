@@ -771,8 +771,8 @@ def se_weight_grads_kernel(
     C blocks fastest. One chunk: the weights' gradients themselves (cast to their dtype); several:
     ACC partials in one buffer (passed four times, o_* apart), chunk k's at k * chunk_stride, added
     by se_sum_chunks_kernel or
-    (SUM_HERE: where the streamed plan's zeroed counters are at hand) by the last program of each
-    (C block, S block) to finish."""
+    (SUM_HERE: where the streamed plan's counters are at hand) by the last program of each
+    (C block, S block) to finish, which then sets its counter back to zero."""
     c_blocks = tl.cdiv(C, BLOCK_C)
     s_blocks = tl.cdiv(S, BLOCK_S)
     pid_c = tl.program_id(0) % c_blocks
@@ -849,6 +849,8 @@ def se_weight_grads_kernel(
         if finished == tl.num_programs(0) // (c_blocks * s_blocks) - 1:
             _sum_chunk_tile(dw1_ptr, c, s, c_ok, s_ok, pid_c, pid_s, chunk_stride, o_db1, o_dw2, o_db2, C, S,
                             tl.num_programs(0) // (c_blocks * s_blocks), gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr)
+            # every program of the tile has added: its counter back to zero for the next launch
+            tl.store(done_ptr + done_offset + pid_s * c_blocks + pid_c, 0)
 
 
 @triton.jit
@@ -977,123 +979,207 @@ def ca_grad_input_max_kernel(
 # ---- flat tiles: the streamed plan on short NCHW rows with no 8-byte accesses (7x7 maps) -----------
 #
 # Rows of 49 pixels start on an odd element every other row, so a [BLOCK_C, BLOCK_L] tile goes
-# element by element, an address each: few bytes in flight and many registers. But the rows of BLOCK_C
-# consecutive channels of a sample are one contiguous run of BLOCK_C * FLAT_L elements, which
-# starts on a 16-byte boundary when C and BLOCK_C are multiples of FLAT_VEC (16 bytes of the
-# element type; launch.Plan._stream checks C). A flat tile loads and stores that run as a 1-D
-# [BLOCK_C * BLOCK_L] vector (16-byte accesses; past BLOCK_C * FLAT_L masked) and moves values
-# between it and the [BLOCK_C, BLOCK_L] rows with tl.gather: per-channel values out to the
-# elements, elements in to the rows for the channel sums and the relu mask's bytes.
+# element by element, an address each: few bytes in flight and many registers. But the rows of
+# consecutive channels of a sample are one contiguous run, which starts on a 16-byte boundary when
+# C and the tile's row count are multiples of FLAT_VEC (16 bytes of the element type;
+# launch.Plan._stream checks C). A flat tile is FLAT_ROWS such rows (as many whole rows as its
+# F-element vector holds, a multiple of FLAT_VEC: 160 of 7x7 in 8192 elements, 96% of them used),
+# loaded and stored as one 1-D [F] vector (16-byte accesses; past the rows masked). Values move
+# between the elements and the rows with tl.gather (a [BLOCK_R] per-row vector, BLOCK_R the power of
+# two >= FLAT_ROWS): gates and dp out to the elements; the elements into [BLOCK_C, BLOCK_L] rows for
+# the channel sums (BLOCK_C rows at a time); the relu mask's bytes as 16-bit windows of the run's bits.
 
 
 @triton.jit
-def _flat_tile(tile, C, s_n, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_L: tl.constexpr):
-    """(n, channels c, element offsets, inside) of flat tile number `tile` (channel blocks
-    fastest): channels c of sample n, their rows as one run."""
-    c_blocks = tl.cdiv(C, BLOCK_C)
+def _flat_tile(tile, C, s_n, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr, FLAT_ROWS: tl.constexpr,
+               BLOCK_R: tl.constexpr, F: tl.constexpr):
+    """(n, c0, the rows' channels c, c_ok, rows, element offsets, inside) of flat tile number `tile`
+    (channel blocks fastest): channels c0 + [0, rows) of sample n, their rows as one run."""
+    c_blocks = tl.cdiv(C, FLAT_ROWS)
     n = (tile // c_blocks).to(tl.int64)
-    c0 = tile % c_blocks * BLOCK_C
-    f = tl.arange(0, BLOCK_C * BLOCK_L)
-    rows = tl.multiple_of(tl.minimum(C - c0, BLOCK_C), FLAT_VEC)
+    c0 = tile % c_blocks * FLAT_ROWS
+    f = tl.arange(0, F)
+    r = tl.arange(0, BLOCK_R)
+    rows = tl.multiple_of(tl.minimum(C - c0, FLAT_ROWS), FLAT_VEC)
     start = tl.multiple_of(n * s_n + c0 * FLAT_L, FLAT_VEC)
-    return n, c0 + tl.arange(0, BLOCK_C), start + f, f < rows * FLAT_L
+    return n, c0, c0 + r, r < rows, rows, start + f, f < rows * FLAT_L
 
 
 @triton.jit
-def _flat_to_rows(v, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """The flat tile's values as [BLOCK_C, BLOCK_L] rows (pixels from FLAT_L on: a copy of the
-    last; callers mask them)."""
-    c = tl.arange(0, BLOCK_C)[:, None]
-    l = tl.arange(0, BLOCK_L)[None, :]
-    at = tl.reshape(c * FLAT_L + tl.minimum(l, FLAT_L - 1), [BLOCK_C * BLOCK_L])
-    return tl.reshape(tl.gather(v, at, 0), [BLOCK_C, BLOCK_L])
+def _flat_per_row(v, FLAT_L: tl.constexpr, BLOCK_R: tl.constexpr, F: tl.constexpr):
+    """A [BLOCK_R] per-row (per-channel) vector at each element of the flat tile."""
+    f = tl.arange(0, F)
+    return tl.gather(v, tl.minimum(f // FLAT_L, BLOCK_R - 1), 0)
 
 
 @triton.jit
-def _flat_from_rows(t, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """[BLOCK_C, BLOCK_L] rows as the flat tile's values (past BLOCK_C * FLAT_L: the last
-    element's)."""
-    f = tl.arange(0, BLOCK_C * BLOCK_L)
-    row = tl.minimum(f // FLAT_L, BLOCK_C - 1)
-    return tl.gather(tl.reshape(t, [BLOCK_C * BLOCK_L]), row * BLOCK_L + tl.minimum(f - row * FLAT_L, FLAT_L - 1), 0)
+def _flat_row_sums(v, out_ptr, n_rows, ACC: tl.constexpr, FLAT_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Stores the sums of the flat tile's n_rows rows (v: [BLOCK_C * BLOCK_L], its elements past the
+    rows are never read) at out_ptr[0 .. n_rows): BLOCK_C rows at a time (BLOCK_R / BLOCK_C <= 2 parts: the
+    tile holds fewer than 2 * BLOCK_C rows of more than BLOCK_L / 2 pixels) gathered as [BLOCK_C,
+    BLOCK_L] rows in v's dtype, their pixels from FLAT_L on masked."""
+    l = tl.arange(0, BLOCK_L)
+    for part in tl.static_range(0, BLOCK_R, BLOCK_C):
+        r = part + tl.arange(0, BLOCK_C)
+        at = r[:, None] * FLAT_L + tl.minimum(l, FLAT_L - 1)[None, :]
+        at = tl.reshape(tl.minimum(at, BLOCK_C * BLOCK_L - 1), [BLOCK_C * BLOCK_L])
+        rows = tl.reshape(tl.gather(v, at, 0), [BLOCK_C, BLOCK_L]).to(ACC)
+        tl.store(out_ptr + r, tl.sum(tl.where((l < FLAT_L)[None, :], rows, 0.0), axis=1), mask=r < n_rows)
 
 
 @triton.jit
-def _flat_per_channel(v, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-    """A [BLOCK_C] per-channel vector at each element of the flat tile."""
-    f = tl.arange(0, BLOCK_C * BLOCK_L)
-    return tl.gather(v, tl.minimum(f // FLAT_L, BLOCK_C - 1), 0)
+def _flat_mask_bytes(mask_ptr, n, c, c_ok, C, FLAT_L: tl.constexpr, row_bytes, BLOCK_R: tl.constexpr,
+                     ROW_BYTES: tl.constexpr):
+    """Pointers to the tile's rows' mask bytes, [BLOCK_R, ROW_BYTES] (ROW_BYTES: the power of two
+    >= row_bytes), and which are the tile's; the byte index b along the row."""
+    b = tl.arange(0, ROW_BYTES)
+    return (mask_ptr + (n * C + c)[:, None] * row_bytes + b[None, :],
+            c_ok[:, None] & (b < row_bytes)[None, :], b)
 
 
 @triton.jit
-def _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, C, row_bytes, OUT_RELU: tl.constexpr,
-                      ACC: tl.constexpr, FLAT_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+def _flat_run_bits(positive, F: tl.constexpr):
+    """The flat tile's relu bits (positive: [F]) packed 8 to a byte along the run ([F // 8] int32;
+    each thread's own when its 16-byte vector holds 8 elements)."""
+    weights = (1 << tl.arange(0, 8))[None, :]
+    return tl.sum(tl.reshape(positive.to(tl.int32), (F // 8, 8)) * weights, axis=1)
+
+
+@triton.jit
+def _flat_store_mask(mask_ptr, run, n, c, c_ok, C, row_bytes, FLAT_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                     F: tl.constexpr):
+    """Stores the flat tile's relu bits (run: _flat_run_bits) as its rows' mask bytes: each row
+    byte (bits r * FLAT_L + 8 b ..., up to 8 of them) the 16-bit window of two run bytes at the
+    right shift."""
+    ROW_BYTES: tl.constexpr = (1 if FLAT_L <= 8 else 2 if FLAT_L <= 16 else 4 if FLAT_L <= 32
+                               else 8 if FLAT_L <= 64 else 16)  # the power of two >= row_bytes
+    ptrs, ok, b = _flat_mask_bytes(mask_ptr, n, c, c_ok, C, FLAT_L, row_bytes, BLOCK_R, ROW_BYTES)
+    bit = (tl.arange(0, BLOCK_R) * FLAT_L)[:, None] + 8 * b[None, :]  # the row byte's first bit in the run
+    at = tl.reshape(tl.minimum(bit // 8, F // 8 - 1), [BLOCK_R * ROW_BYTES])
+    after = tl.reshape(tl.minimum(bit // 8 + 1, F // 8 - 1), [BLOCK_R * ROW_BYTES])
+    lo = tl.reshape(tl.gather(run, at, 0), [BLOCK_R, ROW_BYTES])
+    hi = tl.reshape(tl.gather(run, after, 0), [BLOCK_R, ROW_BYTES])
+    shift = bit % 8
+    keep = (1 << tl.maximum(tl.minimum(FLAT_L - 8 * b, 8), 0)) - 1  # the row's last byte: its pixels only
+    packed = ((lo >> shift) | (hi << (8 - shift))) & keep[None, :]
+    tl.store(ptrs, packed.to(tl.uint8), mask=ok)
+
+
+@triton.jit
+def _flat_load_mask(mask_ptr, n, c, c_ok, C, row_bytes, FLAT_L: tl.constexpr, BLOCK_R: tl.constexpr,
+                    F: tl.constexpr):
+    """The flat tile's relu bits ([F] booleans) from its rows' mask bytes (False past the rows)."""
+    ROW_BYTES: tl.constexpr = (1 if FLAT_L <= 8 else 2 if FLAT_L <= 16 else 4 if FLAT_L <= 32
+                               else 8 if FLAT_L <= 64 else 16)  # the power of two >= row_bytes
+    ptrs, ok, _ = _flat_mask_bytes(mask_ptr, n, c, c_ok, C, FLAT_L, row_bytes, BLOCK_R, ROW_BYTES)
+    packed = tl.reshape(tl.load(ptrs, mask=ok, other=0).to(tl.int32), [BLOCK_R * ROW_BYTES])
+    f = tl.arange(0, F)
+    row = f // FLAT_L
+    pixel = f - row * FLAT_L
+    byte = tl.gather(packed, tl.minimum(row, BLOCK_R - 1) * ROW_BYTES + pixel // 8, 0)
+    return ((byte >> (pixel % 8)) & 1) != 0
+
+
+@triton.jit
+def _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, c_ok, C, row_bytes, OUT_RELU: tl.constexpr,
+                      ACC: tl.constexpr, FLAT_L: tl.constexpr, BLOCK_R: tl.constexpr, F: tl.constexpr,
                       LAST: tl.constexpr = ""):
-    """_masked_grad over a flat tile: the mask's bytes read as rows, their bits moved out to the
-    elements."""
+    """_masked_grad over a flat tile."""
     dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
     if OUT_RELU:
-        l = tl.arange(0, BLOCK_L)
-        bits = _load_mask(mask_ptr, n, c, l, C, FLAT_L, row_bytes, BLOCK_C, BLOCK_L, False).to(tl.int8)
-        dy = tl.where(_flat_from_rows(bits, FLAT_L, BLOCK_C, BLOCK_L) != 0, dy, 0.0)
+        dy = tl.where(_flat_load_mask(mask_ptr, n, c, c_ok, C, row_bytes, FLAT_L, BLOCK_R, F), dy, 0.0)
     return dy
 
 
 @triton.jit
 def _flat_sums_body(tile, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, s_n, row_bytes, DOT: tl.constexpr,
                     OUT_RELU: tl.constexpr, ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, LAST: tl.constexpr = ""):
+                    FLAT_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                    LAST: tl.constexpr = ""):
     """_channel_sums_body over flat tile `tile` (one pixel split: whole rows)."""
-    n, c, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
+    n, c0, c, c_ok, rows, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, FLAT_ROWS, BLOCK_R,
+                                                       BLOCK_C * BLOCK_L)
     if DOT:
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
-        x *= _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, C, row_bytes, OUT_RELU, ACC, FLAT_L,
-                               BLOCK_C, BLOCK_L)
+        x *= _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, c_ok, C, row_bytes, OUT_RELU, ACC, FLAT_L,
+                               BLOCK_R, BLOCK_C * BLOCK_L)
     else:  # gathered in x's dtype: half the shared memory of ACC's for 2-byte types
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
-    rows = _flat_to_rows(x, FLAT_L, BLOCK_C, BLOCK_L).to(ACC)
-    rows = tl.where((tl.arange(0, BLOCK_L) < FLAT_L)[None, :], rows, 0.0)
-    tl.store(partial_ptr + n * C + c, tl.sum(rows, axis=1), mask=c < C)
+    _flat_row_sums(x, partial_ptr + n * C + c0, rows, ACC, FLAT_L, BLOCK_R, BLOCK_C, BLOCK_L)
+
+
+@triton.jit
+def _flat_scale_part(x, res, y_ptr, mask_ptr, gates_ptr, offsets, inside, n, c, c_ok, C, row_bytes,
+                     HAS_RES: tl.constexpr, OUT_RELU: tl.constexpr, ACC: tl.constexpr, FLAT_L: tl.constexpr,
+                     BLOCK_R: tl.constexpr, F: tl.constexpr, SHARED: tl.constexpr, LAST: tl.constexpr):
+    """The scale of flat rows whose x (and residual) are loaded: y = x * g [+ residual] [relu]."""
+    g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
+    out = x.to(ACC) * _flat_per_row(g, FLAT_L, BLOCK_R, F)
+    if HAS_RES:
+        out += res.to(ACC)
+    if OUT_RELU:
+        run = _flat_run_bits(out > 0, F)  # 1 register for 8 elements' bits
+        out = tl.where(out < 0, 0.0, out)  # keeps NaN, as torch.relu does
+    tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
+    if OUT_RELU:  # after y's store: out is dead by then
+        _flat_store_mask(mask_ptr, run, n, c, c_ok, C, row_bytes, FLAT_L, BLOCK_R, F)
 
 
 @triton.jit
 def _flat_scale_body(tile, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, s_n, row_bytes, HAS_RES: tl.constexpr,
                      OUT_RELU: tl.constexpr, ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "",
-                     LAST: tl.constexpr = ""):
-    """_scale_body and _scale_tile over flat tile `tile`."""
-    n, c, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
-    x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
-    g = tl.load(gates_ptr + n * C + c, mask=c < C, other=0.0, cache_modifier=SHARED)
-    out = x * _flat_per_channel(g, FLAT_L, BLOCK_C, BLOCK_L)
-    if HAS_RES:
-        out += tl.load(res_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST).to(ACC)
-    if OUT_RELU:
-        positive = (out > 0).to(tl.int8)
-        out = tl.where(out < 0, 0.0, out)  # keeps NaN, as torch.relu does
-    tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
-    if OUT_RELU:  # after y's store: out is dead by then
-        l = tl.arange(0, BLOCK_L)
-        rows = _flat_to_rows(positive, FLAT_L, BLOCK_C, BLOCK_L) != 0
-        _store_mask(mask_ptr, rows & (l < FLAT_L)[None, :], n, c, l, C, FLAT_L, row_bytes, BLOCK_C, BLOCK_L, False)
+                     FLAT_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, F: tl.constexpr, PARTS: tl.constexpr = 1,
+                     SHARED: tl.constexpr = "", LAST: tl.constexpr = ""):
+    """_scale_body and _scale_tile over flat tile `tile`. PARTS = 2: the tile as two halves of
+    FLAT_ROWS / 2 rows (a multiple of FLAT_VEC) in F / 2 elements each, both halves' loads first,
+    then each half's arithmetic and stores in turn: the loads of the whole tile in flight, the
+    registers of half its arithmetic (one 16384-element bfloat16 vector with the residual and relu
+    spilled 56 B, sm_90)."""
+    if PARTS == 1:
+        n, _, c, c_ok, _, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, FLAT_ROWS, BLOCK_R, F)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST)
+        res = tl.load(res_ptr + offsets, mask=inside, other=0.0, eviction_policy=LAST) if HAS_RES else x
+        _flat_scale_part(x, res, y_ptr, mask_ptr, gates_ptr, offsets, inside, n, c, c_ok, C, row_bytes, HAS_RES,
+                         OUT_RELU, ACC, FLAT_L, BLOCK_R, F, SHARED, LAST)
+    else:
+        tl.static_assert(PARTS == 2 and FLAT_ROWS % (2 * FLAT_VEC) == 0)
+        HALF: tl.constexpr = FLAT_ROWS // 2
+        n, c0, _, _, rows, _, _ = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, FLAT_ROWS, BLOCK_R, F)
+        rows_a = tl.minimum(rows, HALF)
+        rows_b = rows - rows_a
+        f = tl.arange(0, F // 2)
+        r = tl.arange(0, BLOCK_R // 2)
+        at_a = tl.multiple_of(n * s_n + c0 * FLAT_L, FLAT_VEC) + f
+        at_b = tl.multiple_of(n * s_n + (c0 + HALF) * FLAT_L, FLAT_VEC) + f
+        in_a = f < rows_a * FLAT_L
+        in_b = f < rows_b * FLAT_L
+        x_a = tl.load(x_ptr + at_a, mask=in_a, other=0.0, eviction_policy=LAST)
+        x_b = tl.load(x_ptr + at_b, mask=in_b, other=0.0, eviction_policy=LAST)
+        res_a = tl.load(res_ptr + at_a, mask=in_a, other=0.0, eviction_policy=LAST) if HAS_RES else x_a
+        res_b = tl.load(res_ptr + at_b, mask=in_b, other=0.0, eviction_policy=LAST) if HAS_RES else x_b
+        _flat_scale_part(x_a, res_a, y_ptr, mask_ptr, gates_ptr, at_a, in_a, n, c0 + r, r < rows_a, C, row_bytes,
+                         HAS_RES, OUT_RELU, ACC, FLAT_L, BLOCK_R // 2, F // 2, SHARED, LAST)
+        _flat_scale_part(x_b, res_b, y_ptr, mask_ptr, gates_ptr, at_b, in_b, n, c0 + HALF + r, r < rows_b, C,
+                         row_bytes, HAS_RES, OUT_RELU, ACC, FLAT_L, BLOCK_R // 2, F // 2, SHARED, LAST)
 
 
 @triton.jit
 def _flat_grad_input_body(tile, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr, dp_ptr, C, s_n, row_bytes,
                           OUT_RELU: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
-                          ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_L: tl.constexpr, SHARED: tl.constexpr = "", LAST: tl.constexpr = ""):
+                          ACC: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr, FLAT_ROWS: tl.constexpr,
+                          BLOCK_R: tl.constexpr, F: tl.constexpr, SHARED: tl.constexpr = "",
+                          LAST: tl.constexpr = ""):
     """_grad_input_body and _grad_tile over flat tile `tile`."""
-    n, c, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
-    dy = _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, C, row_bytes, OUT_RELU, ACC, FLAT_L, BLOCK_C,
-                           BLOCK_L, LAST)
+    n, _, c, c_ok, _, offsets, inside = _flat_tile(tile, C, s_n, FLAT_L, FLAT_VEC, FLAT_ROWS, BLOCK_R, F)
+    dy = _flat_masked_grad(dy_ptr, mask_ptr, offsets, inside, n, c, c_ok, C, row_bytes, OUT_RELU, ACC, FLAT_L,
+                           BLOCK_R, F, LAST)
     if NEED_DRES:
         tl.store(dres_ptr + offsets, dy.to(dres_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
     if NEED_DX:
-        g = tl.load(gates_ptr + n * C + c, mask=c < C, other=0.0, cache_modifier=SHARED)
-        dp = tl.load(dp_ptr + n * C + c, mask=c < C, other=0.0, cache_modifier=SHARED)
-        out = dy * _flat_per_channel(g, FLAT_L, BLOCK_C, BLOCK_L) + _flat_per_channel(dp, FLAT_L, BLOCK_C, BLOCK_L)
+        g = tl.load(gates_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
+        dp = tl.load(dp_ptr + n * C + c, mask=c_ok, other=0.0, cache_modifier=SHARED)
+        out = dy * _flat_per_row(g, FLAT_L, BLOCK_R, F) + _flat_per_row(dp, FLAT_L, BLOCK_R, F)
         tl.store(dx_ptr + offsets, out.to(dx_ptr.dtype.element_ty), mask=inside, eviction_policy=LAST)
 
 
@@ -1154,12 +1240,41 @@ def _stream_signal(counters_ptr, g, stage):
 
 
 @triton.jit
+def _stream_tiles(C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, FLAT_L: tl.constexpr,
+                  FLAT_ROWS: tl.constexpr):
+    """(channel blocks, tiles) of a sample: flat tiles of FLAT_ROWS whole rows (a BLOCK_C * BLOCK_L
+    vector, one pixel split), else [BLOCK_C, BLOCK_L] tiles."""
+    if FLAT_L > 0:
+        c_blocks = tl.cdiv(C, FLAT_ROWS)
+        tiles = c_blocks
+    else:
+        c_blocks = tl.cdiv(C, BLOCK_C)
+        tiles = c_blocks * tl.cdiv(L, BLOCK_L)
+    return c_blocks, tiles
+
+
+@triton.jit
+def _stream_finish(counters_ptr, GROUPS, RESET_BLOCK: tl.constexpr):
+    """This program has claimed a number past the items: it counts itself out on the exit counter
+    (after the claim counter), and the last program out sets the 3 per group, the claim and the
+    exit counters back to zero, so that the next launch on the stream finds them zero
+    (launch._stream_counters keeps one buffer per device and stream). Every other program has
+    stopped touching them by then: its exit add follows its last claim, wait and signal."""
+    tl.debug_barrier()
+    out = tl.atomic_add(counters_ptr + GROUPS * 3 + 1, 1, sem="acq_rel")
+    if out == tl.num_programs(0) - 1:
+        for k in range(0, GROUPS * 3 + 2, RESET_BLOCK):
+            at = k + tl.arange(0, RESET_BLOCK)
+            tl.store(counters_ptr + at, tl.zeros([RESET_BLOCK], tl.int64), mask=at < GROUPS * 3 + 2)
+
+
+@triton.jit
 def se_streamed_forward_kernel(
     x_ptr, res_ptr, y_ptr, mask_ptr,  # as in se_forward_fused_kernel
     w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     partial_ptr,  # (N, SPLITS, C): one split per pixel block
     pooled_ptr, hidden_ptr, logits_ptr, gates_ptr,  # (N, C), (N, S), (N, C), (N, C) in ACC
-    counters_ptr,  # int64, zeros: 3 per group, then the claim counter
+    counters_ptr,  # int64, zeros: 3 per group, the claim counter, the exit counter (left zero)
     N, C, S, L, s_n, s_c, s_l, row_bytes, SPLITS,
     GROUP, GROUPS, P0, P1, P2, P3, LAG1, LAG2, LAG3,
     ACT: tl.constexpr, GATE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
@@ -1168,10 +1283,10 @@ def se_streamed_forward_kernel(
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
     MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr, MLP_UNROLL_C: tl.constexpr,
     MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
+    FLAT_ROWS: tl.constexpr, FLAT_BLOCK_R: tl.constexpr, FLAT_PARTS: tl.constexpr,
 ):
     """The forward's streamed plan: channel sums -> hidden -> logits and gates -> scale, per group."""
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    tiles_per_sample = c_blocks * tl.cdiv(L, BLOCK_L)
+    c_blocks, tiles_per_sample = _stream_tiles(C, L, BLOCK_C, BLOCK_L, FLAT_L, FLAT_ROWS)
     items = (GROUPS + LAG3) * (P0 + P1 + P2 + P3)
     i = _stream_claim(counters_ptr, GROUPS)
     while i < items:
@@ -1183,7 +1298,7 @@ def se_streamed_forward_kernel(
                 if pid < n1 * (c_blocks * SPLITS):
                     if FLAT_L > 0:
                         _flat_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, s_n, row_bytes, False, False, ACC,
-                                        FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L)
+                                        FLAT_L, FLAT_VEC, FLAT_ROWS, FLAT_BLOCK_R, BLOCK_C, BLOCK_L)
                     else:
                         _channel_sums_body(pid, x_ptr, x_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
                                            BLOCK_L, SPLITS, False, False, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
@@ -1203,7 +1318,8 @@ def se_streamed_forward_kernel(
                 if tile >= n0 * tiles_per_sample:
                     if FLAT_L > 0:
                         _flat_scale_body(tile, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, s_n, row_bytes, HAS_RES,
-                                         OUT_RELU, ACC, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L, ".cg", "evict_first")
+                                         OUT_RELU, ACC, FLAT_L, FLAT_VEC, FLAT_ROWS, FLAT_BLOCK_R, BLOCK_C * BLOCK_L,
+                                         FLAT_PARTS, ".cg", "evict_first")
                     else:
                         nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
                         _scale_body(nt, c, l, x_ptr, res_ptr, y_ptr, mask_ptr, gates_ptr, C, L, s_n, s_c, s_l,
@@ -1212,6 +1328,7 @@ def se_streamed_forward_kernel(
             if stage < 3:
                 _stream_signal(counters_ptr, g, stage)
         i = ahead
+    _stream_finish(counters_ptr, GROUPS, 512)
 
 
 @triton.jit
@@ -1229,11 +1346,11 @@ def se_streamed_backward_kernel(
     MLP_BLOCK_N: tl.constexpr, MLP_BLOCK_S: tl.constexpr, MLP_CHUNK_C: tl.constexpr,
     MLP_BLOCK_C: tl.constexpr, MLP_CHUNK_S: tl.constexpr, ALIGN: tl.constexpr, MLP_UNROLL_C: tl.constexpr,
     MLP_UNROLL_S: tl.constexpr, MLP_SPLIT_BLOCK: tl.constexpr, FLAT_L: tl.constexpr, FLAT_VEC: tl.constexpr,
+    FLAT_ROWS: tl.constexpr, FLAT_BLOCK_R: tl.constexpr,
 ):
     """The backward's streamed plan: sums of dy' * x -> dz1 (dz2, gates) -> dp -> grad_input, per
     group; the weight gradients follow as in the split plan."""
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    tiles_per_sample = c_blocks * tl.cdiv(L, BLOCK_L)
+    c_blocks, tiles_per_sample = _stream_tiles(C, L, BLOCK_C, BLOCK_L, FLAT_L, FLAT_ROWS)
     items = (GROUPS + LAG3) * (P0 + P1 + P2 + P3)
     i = _stream_claim(counters_ptr, GROUPS)
     while i < items:
@@ -1245,7 +1362,8 @@ def se_streamed_backward_kernel(
                 if pid < n1 * (c_blocks * SPLITS):
                     if FLAT_L > 0:
                         _flat_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, s_n, row_bytes, True, OUT_RELU,
-                                        ACC, FLAT_L, FLAT_VEC, BLOCK_C, BLOCK_L, "evict_first")
+                                        ACC, FLAT_L, FLAT_VEC, FLAT_ROWS, FLAT_BLOCK_R, BLOCK_C, BLOCK_L,
+                                        "evict_first")
                     else:
                         _channel_sums_body(pid, x_ptr, dy_ptr, mask_ptr, partial_ptr, C, L, s_n, s_c, s_l, row_bytes,
                                            BLOCK_L, SPLITS, True, OUT_RELU, PIXEL_ROWS, ACC, BLOCK_C, BLOCK_L, WIDE,
@@ -1264,8 +1382,8 @@ def se_streamed_backward_kernel(
                 if tile >= n0 * tiles_per_sample:
                     if FLAT_L > 0:
                         _flat_grad_input_body(tile, dy_ptr, mask_ptr, dx_ptr, dres_ptr, gates_ptr, dp_ptr, C, s_n,
-                                              row_bytes, OUT_RELU, NEED_DX, NEED_DRES, ACC, FLAT_L, FLAT_VEC, BLOCK_C,
-                                              BLOCK_L, ".cg", "evict_first")
+                                              row_bytes, OUT_RELU, NEED_DX, NEED_DRES, ACC, FLAT_L, FLAT_VEC,
+                                              FLAT_ROWS, FLAT_BLOCK_R, BLOCK_C * BLOCK_L, ".cg", "evict_first")
                     else:
                         nt, c, l = _tile_at(tile, C, L, BLOCK_C, BLOCK_L, WIDE)
                         c_ok = c < C
@@ -1277,3 +1395,4 @@ def se_streamed_backward_kernel(
             if stage < 3:
                 _stream_signal(counters_ptr, g, stage)
         i = ahead
+    _stream_finish(counters_ptr, GROUPS, 512)

@@ -230,9 +230,16 @@ class Plan:
         least = 1 if f64 else 16
         self.wgrad_block_c = max(min(_pow2(g.C), 64), least)
         self.wgrad_block_s = max(min(_pow2(g.S), 32), least)
-        # the weight gradients sum the batch in chunks of at most WGRAD_CHUNK samples, one set of
-        # programs per chunk (more programs in flight, fewer samples in series each)
+        # the weight gradients sum the batch in chunks, one set of programs per chunk (more programs
+        # in flight, fewer samples in series each): of at least WGRAD_CHUNK samples, and no more
+        # chunks than give each multiprocessor one program (every further chunk's partials are
+        # written and added again: at 256 x 2048 x 7 x 7, 8 chunks moved 34 MB of partials through
+        # L2, about half of the kernel's traffic in benchmarks/gpu_model.py). sm_count 0 (the
+        # interpreter): chunks of WGRAD_CHUNK
         self.wgrad_chunks = triton.cdiv(g.N, WGRAD_CHUNK)
+        if sm_count:
+            tiles = triton.cdiv(g.C, self.wgrad_block_c) * triton.cdiv(g.S, self.wgrad_block_s)
+            self.wgrad_chunks = max(1, min(self.wgrad_chunks, triton.cdiv(sm_count, tiles)))
         self.wgrad_per_chunk = triton.cdiv(g.N, self.wgrad_chunks) if g.N else 1
         # the streamed plan (budget > 0; elem: bytes per element; tensors: the x-sized tensors the op
         # reads and writes): where the split plan's re-read would miss L2
@@ -287,12 +294,20 @@ class Plan:
         # short NCHW rows of no 8-byte accesses (7x7): flat tiles (kernels.py _flat_tile) of whole
         # rows, where C is a multiple of 16 bytes' elements (each tile's run starts on 16 bytes)
         vec = 16 // elem
-        self.stream_flat = (0, 0)
+        self.stream_flat = (0, 0, 0, 0, 1)
         if align * elem < 8 and not g.pixel_rows and g.L <= STREAM_FLAT_MAX_L and g.C % vec == 0 and not g.wide:
-            self.stream_flat = (g.L, vec)
+            # a vector of block_c * block_l elements, holding as many whole rows as fit (a multiple
+            # of vec, at most C)
             block_l = max(_pow2(g.L), g.min_l)
-            flat = STREAM_FLAT_ELEMENTS * (2 if elem == 2 and not (backward or g.out_relu) else 1)
+            flat = STREAM_FLAT_ELEMENTS * (2 if elem == 2 and not backward else 1)
+            # with the relu mask, the doubled vector's scale goes in two halves of whole 16-byte
+            # vectors (kernels.py _flat_scale_body): its rows a multiple of 2 * vec, else no doubling
+            parts = 2 if flat > STREAM_FLAT_ELEMENTS and g.out_relu else 1
+            if parts == 2 and min(flat // g.L // (2 * vec) * (2 * vec), g.C) % (2 * vec):
+                flat, parts = STREAM_FLAT_ELEMENTS, 1
             block_c = min(flat // block_l, max(_pow2(g.C), g.min_c))
+            rows = min(block_c * block_l // g.L // (parts * vec) * (parts * vec), g.C)
+            self.stream_flat = (g.L, vec, rows, _pow2(rows), parts)
         else:
             if align * elem < 8:
                 elements = min(elements, TILE_ELEMENTS if backward else STREAM_TILE_ELEMENTS)
@@ -305,7 +320,8 @@ class Plan:
         self.stream_unroll_c, self.stream_unroll_s = self._unrolls(g, STREAM_MLP_UNROLL[backward])
         self.stream_split_block = self._split_block(triton.cdiv(g.L, block_l), self.stream_unroll_c,
                                                     STREAM_SPLIT_ELEMENTS[backward])
-        tiles = triton.cdiv(g.C, self.stream_block_c) * triton.cdiv(g.L, self.stream_block_l)
+        rows = self.stream_flat[2] or self.stream_block_c  # channels of a tile
+        tiles = triton.cdiv(g.C, rows) * triton.cdiv(g.L, self.stream_block_l)
         sched = stream_schedule(g.N, x + mask, budget, tiles, triton.cdiv(g.S, self.mlp_block_s),
                                 triton.cdiv(g.C, self.mlp_block_c), tiles)
         if sched is None or sched["group"] > self.mlp_block_n:
@@ -374,14 +390,36 @@ STREAM_WARPS = 16
 STREAM_MAX_REGISTERS = 128  # all a 512-thread program can have; ptxas chose 64 and spilled (sm_80) without it
 
 
+# (device, stream) -> the int64 counters of the streamed launches there, zero between launches
+_COUNTERS: dict = {}
+
+
+def _stream_counters(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n int64 counters, zero, for a streamed launch on x's device and its current stream. Each
+    launch leaves its counters zero again (kernels.py _stream_finish; the weight gradients' last
+    program of each tile), so one buffer per (device, stream) serves every launch there, in stream
+    order, without a fill kernel before each; a larger launch replaces it (the old one is freed in
+    stream order). A fresh torch.zeros where the buffer cannot be kept: traced calls (torch.compile,
+    torch.export: fake or functional tensors) and CUDA graph capture (the fill is then part of the
+    graph)."""
+    traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
+    if traced or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(n, device=x.device, dtype=torch.int64)
+    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = _COUNTERS[key] = torch.zeros(max(n, 1024), device=x.device, dtype=torch.int64)
+    return buffer
+
+
 def _stream_buffers(g: Geometry, plan: Plan, x: torch.Tensor, acc_dtype: torch.dtype, wgrad: bool = False):
-    """(pixel splits, the (N, splits, C) partial sums, the zeroed counters) of a streamed launch:
-    one split per pixel block of the tile; 3 counters per group, then the claim counter, then
+    """(pixel splits, the (N, splits, C) partial sums, the counters) of a streamed launch: one split
+    per pixel block of the tile; 3 counters per group, the claim counter, the exit counter, then
     (wgrad, several weight-gradient chunks) one per weight-gradient (C block, S block)."""
     splits = triton.cdiv(g.L, plan.stream_block_l)
     partial = torch.empty((g.N, splits, g.C), device=x.device, dtype=acc_dtype)
     tiles = plan.grids["se_weight_grads_kernel"][0] // plan.wgrad_chunks if wgrad and plan.wgrad_chunks > 1 else 0
-    return splits, partial, torch.zeros(3 * plan.stream["groups"] + 1 + tiles, device=x.device, dtype=torch.int64)
+    return splits, partial, _stream_counters(x, 3 * plan.stream["groups"] + 2 + tiles)
 
 
 def _stream_args(st: dict) -> tuple:
@@ -393,7 +431,8 @@ def _stream_blocks(g: Geometry, plan: Plan) -> dict:
     """The streamed kernels' tile constexprs: their own tile (STREAM_TILE_BYTES), the split plan's
     MLP blocks."""
     return dict(BLOCK_C=plan.stream_block_c, BLOCK_L=plan.stream_block_l, WIDE=g.wide, ALIGN=plan.stream_align,
-                FLAT_L=plan.stream_flat[0], FLAT_VEC=plan.stream_flat[1],
+                FLAT_L=plan.stream_flat[0], FLAT_VEC=plan.stream_flat[1], FLAT_ROWS=plan.stream_flat[2],
+                FLAT_BLOCK_R=plan.stream_flat[3],
                 MLP_BLOCK_N=plan.mlp_block_n,
                 MLP_BLOCK_S=plan.mlp_block_s, MLP_CHUNK_C=plan.mlp_chunk_c, MLP_BLOCK_C=plan.mlp_block_c,
                 MLP_CHUNK_S=plan.mlp_chunk_s, MLP_UNROLL_C=plan.stream_unroll_c, MLP_UNROLL_S=plan.stream_unroll_s,
@@ -451,7 +490,8 @@ def forward(x, w1, b1, w2, b2, residual, activation: str, gate: str, out_activat
             _k(kernels.se_streamed_forward_kernel)[plan.grids["se_streamed_forward_kernel"]](
                 x, res, y, mask_arg, w1, b1_arg, w2, b2_arg, partial, pooled, hidden, logits,
                 torch.empty_like(pooled), counters, g.N, g.C, g.S, g.L, *g.strides, g.row_bytes, splits,
-                *_stream_args(plan.stream), **mlp, **flags, **_stream_blocks(g, plan), num_warps=STREAM_WARPS,
+                *_stream_args(plan.stream), **mlp, **flags, **_stream_blocks(g, plan),
+                FLAT_PARTS=plan.stream_flat[4], num_warps=STREAM_WARPS,
                 maxnreg=STREAM_MAX_REGISTERS,
             )
             return y, pooled, hidden, logits, mask
@@ -552,12 +592,12 @@ def backward(grad_y, x, w1, w2, pooled, hidden, gate_logits, relu_mask, activati
             sc = g.S * g.C
             outs, stride, offsets = (wpartial,) * 4, total, (sc, sc + g.S, 2 * sc + g.S)
         # several chunks in the streamed plan: the last program of each tile adds them (its counters
-        # follow the streamed kernel's, zeroed with them); in the split plan se_sum_chunks_kernel does
+        # follow the streamed kernel's); in the split plan se_sum_chunks_kernel does
         sum_here = plan.wgrad_chunks > 1 and plan.stream is not None
         done = counters if sum_here else dz1
         _k(kernels.se_weight_grads_kernel)[plan.grids["se_weight_grads_kernel"]](
             dz1, dz2, hidden, pooled, *outs, *grads, done, g.N, g.C, g.S, plan.wgrad_per_chunk, stride, *offsets,
-            3 * plan.stream["groups"] + 1 if sum_here else 0,
+            3 * plan.stream["groups"] + 2 if sum_here else 0,
             ACT=act, ACC=g.acc, BLOCK_C=plan.wgrad_block_c, BLOCK_S=plan.wgrad_block_s, SUM_HERE=sum_here,
             STEP=plan.wgrad_step, num_warps=8,
         )

@@ -2,10 +2,12 @@
 // run with threads standing in for the persistent kernel's blocks. Each thread does what a block of
 // streamed_forward_kernel / streamed_backward_kernel does (csrc/cuda/se_cuda.cu: run_streamed):
 // claim the next item number from one counter, wait (acquire) until the item's previous stage of
-// its group has signalled every item, do the item, signal (release). The items' work is stood in
-// for by plain (non-atomic) writes of values that depend on what the item reads from the previous
-// stage, so a missing wait or a wrong count gives a wrong value, and ThreadSanitizer (the
-// SE_STREAM_MAIN build) reports a read that is not ordered after the write it needs.
+// its group has signalled every item, do the item, signal (release); past the items, count out on
+// the exit counter, the last one out zeroing the counters (stream_finish), which two launches on
+// the same counters check. The items' work is stood in for by plain (non-atomic) writes of values
+// that depend on what the item reads from the previous stage, so a missing wait or a wrong count
+// gives a wrong value, and ThreadSanitizer (the SE_STREAM_MAIN build) reports a read that is not
+// ordered after the write it needs.
 //
 // Loaded with ctypes (any C++17 compiler, no CUDA toolkit), or built with -DSE_STREAM_MAIN as a
 // program that runs a fixed set of shapes.
@@ -107,16 +109,31 @@ int check_numbering(const Schedule& s, const StreamShape& shape, char* msg, int 
 
 struct Sim {
   const Schedule& s;
-  std::vector<std::atomic<uint64_t>> counters;
-  std::vector<std::atomic<int>> claims;    // per item number: claimed how often
-  std::vector<std::vector<int64_t>> data;  // per (stage, group): the items' values, plain memory
+  const int workers;
+  std::vector<std::atomic<uint64_t>> counters;  // zeroed once: each launch leaves them zero
+  std::vector<std::atomic<int>> claims;         // per item number: claimed how often
+  std::vector<std::vector<int64_t>> data;       // per (stage, group): the items' values, plain memory
+  std::vector<uint64_t> at_exit;                // the counters as the last worker out found them
   std::atomic<bool> stuck{false};
-  explicit Sim(const Schedule& sched)
-      : s(sched), counters(sched.counters()), claims(sched.items()), data(kStages * sched.groups) {
+  Sim(const Schedule& sched, int n_workers)
+      : s(sched), workers(n_workers), counters(sched.counters()), claims(sched.items()), data(kStages * sched.groups) {
     for (auto& c : counters) c.store(0);
+  }
+
+  // A new launch on the same counters: fresh claims and data.
+  void launch() {
     for (auto& c : claims) c.store(0);
     for (int k = 0; k < kStages; ++k)
       for (int64_t g = 0; g < s.groups; ++g) data[k * s.groups + g].assign(s.per[k], 0);
+    at_exit.assign(counters.size(), 0);
+  }
+
+  // As stream_finish: count out; the last worker out records the counters and sets them to zero.
+  void finish() {
+    if (counters[s.exit_counter()].fetch_add(1, std::memory_order_acq_rel) != static_cast<uint64_t>(workers - 1))
+      return;
+    for (size_t k = 0; k < counters.size(); ++k) at_exit[k] = counters[k].load(std::memory_order_acquire);
+    for (auto& c : counters) c.store(0, std::memory_order_relaxed);
   }
 
   int64_t claim() {
@@ -130,7 +147,7 @@ struct Sim {
     std::mt19937_64 rng(seed);
     int64_t i = claim();
     for (;;) {
-      if (i >= s.items()) return;
+      if (i >= s.items()) return finish();
       const int64_t ahead = claim();
       item(i, rng, wait_limit_s);
       if (stuck.load()) return;
@@ -160,21 +177,38 @@ struct Sim {
   }
 };
 
+int run_launch(Sim& sim, int workers, uint64_t seed, char* msg, int len);
+
 int run(const StreamShape& shape, int workers, uint64_t seed, char* msg, int len) {
   Schedule s;
   if (!make_schedule(shape, &s)) return fail(msg, len, "no streamed schedule for this shape", shape.N, shape.kept_bytes, 0);
   if (check_numbering(s, shape, msg, len)) return 1;
-  Sim sim(s);
+  Sim sim(s, workers);
+  for (int launch = 0; launch < 2; ++launch) {  // two launches on the same counters
+    if (run_launch(sim, workers, seed * 2 + launch, msg, len)) return 1;
+  }
+  return 0;
+}
+
+int run_launch(Sim& sim, int workers, uint64_t seed, char* msg, int len) {
+  const Schedule& s = sim.s;
+  sim.launch();
   std::vector<std::thread> threads;
   for (int w = 0; w < workers; ++w) threads.emplace_back([&sim, seed, w] { sim.worker(seed * 1000 + w, 20.0); });
   for (auto& t : threads) t.join();
   if (sim.stuck.load()) return fail(msg, len, "a worker waited over 20 s: the schedule deadlocks", workers, 0, 0);
   for (int64_t i = 0; i < s.items(); ++i)
     if (sim.claims[i].load() != 1) return fail(msg, len, "item not claimed exactly once", i, sim.claims[i].load(), 0);
+  for (size_t k = 0; k < sim.counters.size(); ++k)
+    if (sim.counters[k].load() != 0) return fail(msg, len, "a counter left nonzero", static_cast<int64_t>(k), 0, 0);
+  if (sim.at_exit[s.claim_counter()] != static_cast<uint64_t>(s.final_claims(workers)))
+    return fail(msg, len, "claims at exit", static_cast<int64_t>(sim.at_exit[s.claim_counter()]), s.items(), workers);
+  if (sim.at_exit[s.exit_counter()] != static_cast<uint64_t>(workers))
+    return fail(msg, len, "exits counted", static_cast<int64_t>(sim.at_exit[s.exit_counter()]), workers, 0);
   for (int64_t g = 0; g < s.groups; ++g) {
     for (int k = 0; k + 1 < kStages; ++k)
-      if (sim.counters[s.counter(g, k)].load() != static_cast<uint64_t>(s.per[k]))
-        return fail(msg, len, "final count of a (group, stage) counter", g, k, sim.counters[s.counter(g, k)].load());
+      if (sim.at_exit[s.counter(g, k)] != static_cast<uint64_t>(s.per[k]))
+        return fail(msg, len, "final count of a (group, stage) counter", g, k, sim.at_exit[s.counter(g, k)]);
     int64_t read = 0;  // the values a sequential run gives
     for (int k = 0; k < kStages; ++k) {
       int64_t sum = 0;
