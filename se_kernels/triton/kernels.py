@@ -1029,8 +1029,7 @@ def _flat_row_sums(v, out_ptr, n_rows, ACC: tl.constexpr, FLAT_L: tl.constexpr, 
 
 
 @triton.jit
-def _flat_mask_bytes(mask_ptr, n, c, c_ok, C, FLAT_L: tl.constexpr, row_bytes, BLOCK_R: tl.constexpr,
-                     ROW_BYTES: tl.constexpr):
+def _flat_mask_bytes(mask_ptr, n, c, c_ok, C, row_bytes, ROW_BYTES: tl.constexpr):
     """Pointers to the tile's rows' mask bytes, [BLOCK_R, ROW_BYTES] (ROW_BYTES: the power of two
     >= row_bytes), and which are the tile's; the byte index b along the row."""
     b = tl.arange(0, ROW_BYTES)
@@ -1054,7 +1053,7 @@ def _flat_store_mask(mask_ptr, run, n, c, c_ok, C, row_bytes, FLAT_L: tl.constex
     right shift."""
     ROW_BYTES: tl.constexpr = (1 if FLAT_L <= 8 else 2 if FLAT_L <= 16 else 4 if FLAT_L <= 32
                                else 8 if FLAT_L <= 64 else 16)  # the power of two >= row_bytes
-    ptrs, ok, b = _flat_mask_bytes(mask_ptr, n, c, c_ok, C, FLAT_L, row_bytes, BLOCK_R, ROW_BYTES)
+    ptrs, ok, b = _flat_mask_bytes(mask_ptr, n, c, c_ok, C, row_bytes, ROW_BYTES)
     bit = (tl.arange(0, BLOCK_R) * FLAT_L)[:, None] + 8 * b[None, :]  # the row byte's first bit in the run
     at = tl.reshape(tl.minimum(bit // 8, F // 8 - 1), [BLOCK_R * ROW_BYTES])
     after = tl.reshape(tl.minimum(bit // 8 + 1, F // 8 - 1), [BLOCK_R * ROW_BYTES])
@@ -1072,7 +1071,7 @@ def _flat_load_mask(mask_ptr, n, c, c_ok, C, row_bytes, FLAT_L: tl.constexpr, BL
     """The flat tile's relu bits ([F] booleans) from its rows' mask bytes (False past the rows)."""
     ROW_BYTES: tl.constexpr = (1 if FLAT_L <= 8 else 2 if FLAT_L <= 16 else 4 if FLAT_L <= 32
                                else 8 if FLAT_L <= 64 else 16)  # the power of two >= row_bytes
-    ptrs, ok, _ = _flat_mask_bytes(mask_ptr, n, c, c_ok, C, FLAT_L, row_bytes, BLOCK_R, ROW_BYTES)
+    ptrs, ok, _ = _flat_mask_bytes(mask_ptr, n, c, c_ok, C, row_bytes, ROW_BYTES)
     packed = tl.reshape(tl.load(ptrs, mask=ok, other=0).to(tl.int32), [BLOCK_R * ROW_BYTES])
     f = tl.arange(0, F)
     row = f // FLAT_L
